@@ -1,0 +1,97 @@
+"""The ``cellgen`` command: build | show | check (and bench, inspect where installed)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cellgen.spec import SpecError
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from cellgen.build import GENERATED, build, display_path, stale
+
+    out_dir = Path(args.out) if args.out else GENERATED
+    if args.check:
+        old = stale(args.specs, out_dir)
+        for target in old:
+            print(f"stale: {display_path(target)} (run `cellgen build {' '.join(args.specs)}`)", file=sys.stderr)
+        if not old:
+            print("generated files are fresh")
+        return 1 if old else 0
+    for result in build(args.specs, out_dir):
+        state = "wrote" if result.changed else "unchanged"
+        print(f"{state} {display_path(result.target)}  <-  {display_path(result.spec_path)}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from cellgen.build import compile_spec
+    from cellgen.show import describe
+
+    for path in args.specs:
+        _, plan = compile_spec(path)
+        print(describe(plan, batch=args.batch, sizes=_sizes(args.size)))
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from cellgen.build import compile_spec, spec_files
+
+    for path in spec_files(args.specs):
+        spec, plan = compile_spec(path)
+        print(f"ok {path}: {spec.name}, {len(plan.gemms)} recurrent GEMM(s), {len(plan.epilogues)} epilogue(s)")
+    return 0
+
+
+def _sizes(items: list[str] | None) -> dict[str, int]:
+    sizes = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        if not value.isdigit():
+            raise SystemExit(f"cellgen: --size expects NAME=INT, got {item!r}")
+        sizes[name] = int(value)
+    return sizes
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cellgen", description="Compile RNN cell specs into fused Numba kernels.")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="generate generated/<name>.py for each spec (or every spec in a folder)")
+    b.add_argument("specs", nargs="+")
+    b.add_argument("--out", help="output folder (default: the repository's generated/)")
+    b.add_argument("--check", action="store_true", help="fail if a generated file is missing or stale")
+    b.set_defaults(fn=_cmd_build)
+    s = sub.add_parser("show", help="print the fused plan: stages, weights, hoisting, epilogues, FLOPs")
+    s.add_argument("specs", nargs="+")
+    s.add_argument("--batch", type=int, default=64, help="batch size for the FLOP count (default 64)")
+    s.add_argument("--size", action="append", metavar="NAME=INT",
+                   help="sizes for the FLOP count (default input_size=num_units=256, extras=num_units)")
+    s.set_defaults(fn=_cmd_show)
+    c = sub.add_parser("check", help="validate specs without writing anything")
+    c.add_argument("specs", nargs="+")
+    c.set_defaults(fn=_cmd_check)
+    for extra in ("cellgen.demo", "cellgen.bench", "cellgen.inspect"):
+        try:
+            module = __import__(extra, fromlist=["register"])
+        except ImportError:
+            continue
+        module.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except SpecError as err:
+        print(f"cellgen: error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as err:
+        print(f"cellgen: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

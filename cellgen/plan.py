@@ -1,0 +1,163 @@
+"""The fused plan (the compiler's IR): frozen dataclasses, expressions stay SymPy.
+
+One time step of a cell runs as::
+
+    [prologue epilogue 0]  GEMM 0  epilogue 1  GEMM 1  epilogue 2 ...
+
+after one hoisted GEMM over all T*B rows. Epilogue expressions read and write
+arrays through ``sympy.Indexed`` objects whose single index is the column; the
+batch row is implicit for *batched* arrays (``pre[b, 2*num_units + j]``) and
+absent for per-unit ones (``w_f_diag[j]``). ``UNIT`` (``j``) is the unit index
+of the loop an expression lives in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from cellgen.spec import CellSpec
+
+#: The unit (column) index of an epilogue loop.
+UNIT = sympy.Symbol("j", integer=True, nonnegative=True)
+
+
+@dataclass(frozen=True)
+class WeightBlock:
+    """``packed[dest_row:dest_row+rows, dest_col:dest_col+width] += params[kernel][row_start:row_start+rows]``."""
+
+    kernel: str
+    row_start: sympy.Expr
+    rows: sympy.Expr
+    dest_row: sympy.Expr
+    dest_col: sympy.Expr
+    width: sympy.Expr
+    delayed: bool = False  # hoisted block whose operand is x_{t-1}: read one step late
+
+
+@dataclass(frozen=True)
+class BiasBlock:
+    """``packed_bias[dest_col:dest_col+width] = params[bias]``."""
+
+    bias: str
+    dest_col: sympy.Expr
+    width: sympy.Expr
+
+
+@dataclass(frozen=True)
+class HoistedGemm:
+    """ONE GEMM over all T*B input rows: ``pre = x @ weight + bias``, [T, B, width].
+
+    ``delayed_linears`` read their columns one step late (``pre_prev``): the part of a
+    linear whose operand is a delay state (x_{t-1}).
+    """
+
+    rows: sympy.Expr
+    width: sympy.Expr
+    blocks: tuple[WeightBlock, ...]
+    biases: tuple[BiasBlock, ...]
+    direct_linears: tuple[str, ...]
+    delayed_linears: tuple[str, ...]
+
+    @property
+    def delayed(self) -> bool:
+        return bool(self.delayed_linears)
+
+
+@dataclass(frozen=True)
+class Operand:
+    """One operand of a recurrent GEMM: a state read in place, or a buffer an epilogue fills."""
+
+    label: str
+    expr: sympy.Expr
+    size: sympy.Expr
+    offset: sympy.Expr  # row offset in the stage's operand buffer
+
+
+@dataclass(frozen=True)
+class RecurrentGemm:
+    """``rec{stage} = operand @ weight`` once per step; operands of all its linears concatenated."""
+
+    stage: int
+    operands: tuple[Operand, ...]
+    rows: sympy.Expr
+    width: sympy.Expr
+    blocks: tuple[WeightBlock, ...]
+    linears: tuple[str, ...]
+    direct_state: str | None  # the state read in place when it is the only, plain operand
+
+    @property
+    def result(self) -> str:
+        return f"rec{self.stage}"
+
+    @property
+    def operand_buffer(self) -> str | None:
+        return None if self.direct_state is not None else f"opnd{self.stage}"
+
+
+@dataclass(frozen=True)
+class Store:
+    """``target = value`` for active rows; ``target = masked`` past the sequence length (None: skip)."""
+
+    target: sympy.Indexed
+    value: sympy.Expr
+    masked: sympy.Expr | None
+
+
+@dataclass(frozen=True)
+class Loop:
+    """One elementwise loop over ``domain`` units for every batch row."""
+
+    domain: sympy.Expr
+    temps: tuple[tuple[sympy.Symbol, sympy.Expr], ...]
+    stores: tuple[Store, ...]
+
+    @property
+    def ops(self) -> int:
+        """Arithmetic operations per unit (SymPy's count_ops)."""
+        exprs = [e for _, e in self.temps] + [s.value for s in self.stores]
+        return int(sum(sympy.count_ops(e) for e in exprs))
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """The elementwise work between two GEMMs; ``index`` k runs after GEMM k-1."""
+
+    index: int
+    loops: tuple[Loop, ...]
+
+
+@dataclass(frozen=True)
+class FusedPlan:
+    """Everything the printers and templates need to emit one cell's kernels."""
+
+    spec: CellSpec
+    hoisted: HoistedGemm | None
+    gemms: tuple[RecurrentGemm, ...]
+    epilogues: tuple[Epilogue, ...]
+    recurrent_states: tuple[str, ...]  # double-buffered inside the kernel
+    delay_states: tuple[str, ...]  # x_{t-1}: derived from the inputs by the driver
+    batched_arrays: tuple[str, ...]
+    unit_params: tuple[str, ...]  # per-unit parameter vectors the epilogues read
+    epilogue_biases: tuple[str, ...]  # biases of linears with no hoisted part
+    uses_x: bool
+    uses_x_prev: bool
+    output_size: sympy.Expr
+    double_buffered: tuple[str, ...] = ()  # states whose old value is read after the new one is stored
+
+    @property
+    def scan_only(self) -> bool:
+        """No recurrent GEMM: the step is a pure elementwise scan (QRNN)."""
+        return not self.gemms
+
+    def schedule(self) -> list[tuple[str, int]]:
+        """The per-step order: ('epilogue', k) and ('gemm', s) items."""
+        steps: list[tuple[str, int]] = []
+        by_index = {e.index: e for e in self.epilogues}
+        for s in range(len(self.gemms) + 1):
+            if s in by_index:
+                steps.append(("epilogue", s))
+            if s < len(self.gemms):
+                steps.append(("gemm", s))
+        return steps

@@ -1,0 +1,168 @@
+"""Stage 4a (SymPy -> source text): the printers. Templates never see a SymPy object.
+
+* :class:`NumbaPrinter` prints one scalar of an epilogue loop for ``@njit`` and
+  ``@cuda.jit`` kernels: ``math`` functions CUDA also has, a sigmoid that cannot
+  overflow, float literals typed in the kernel's dtype (a bare ``1.0`` would make
+  float32 work float64), and ``Indexed`` reads as ``array[b, col]``.
+* :class:`IndexPrinter` prints integer index and size arithmetic.
+* :class:`NumPyVectorPrinter` prints whole-batch expressions for the reference backend.
+"""
+
+from __future__ import annotations
+
+import sympy
+from sympy.printing.numpy import NumPyPrinter
+from sympy.printing.pycode import PythonCodePrinter
+
+from cellgen.dsl import sigmoid
+
+DTYPES = {"float32": "np.float32", "float64": "np.float64"}
+
+
+class IndexPrinter(PythonCodePrinter):
+    """Integer arithmetic on sizes and the unit index: ``3*num_units + j``."""
+
+    def _print_Integer(self, expr: sympy.Integer) -> str:
+        return str(int(expr))
+
+
+
+def print_index(expr: sympy.Expr) -> str:
+    """>>> print_index(sympy.Symbol("num_units") * 3 + sympy.Symbol("j"))
+    'j + 3*num_units'
+    """
+    return IndexPrinter().doprint(sympy.sympify(expr))
+
+
+class NumbaPrinter(PythonCodePrinter):
+    """Scalar kernel code for Numba (CPU ``@njit`` and ``@cuda.jit``).
+
+    ``batched`` names the arrays indexed ``[row, col]``; ``row`` is the batch-row
+    variable; the rest of ``Indexed`` reads are per-unit ``[col]``. ``fast_tanh``
+    names a helper to call instead of ``math.tanh`` (None: ``math.tanh``).
+    """
+
+    printmethod = "_numbacode"
+
+    def __init__(self, dtype: str = "float64", batched: tuple[str, ...] = (), row: str = "b",
+                 fast_tanh: str | None = None, arrays: dict[str, str] | None = None) -> None:
+        super().__init__({"fully_qualified_modules": False, "standard": "python3"})
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.dtype, self.batched, self.row, self.fast_tanh = dtype, set(batched), row, fast_tanh
+        self.arrays = arrays or {}
+
+    # -- literals ----------------------------------------------------------------------
+    def _literal(self, value: float) -> str:
+        text = repr(float(value))
+        if text in ("inf", "-inf"):
+            text = "math.inf" if text == "inf" else "-math.inf"
+        return text if self.dtype == "float64" else f"np.float32({text})"
+
+    def _print_Float(self, expr: sympy.Float) -> str:
+        return self._literal(float(expr))
+
+    def _print_Integer(self, expr: sympy.Integer) -> str:
+        return self._literal(float(expr))
+
+    def _print_Rational(self, expr: sympy.Rational) -> str:
+        return self._literal(float(expr))
+
+    def _print_Infinity(self, expr) -> str:
+        return self._literal(float("inf"))
+
+    def _print_NegativeInfinity(self, expr) -> str:
+        return self._literal(float("-inf"))
+
+    # -- reads -------------------------------------------------------------------------
+    def _print_Indexed(self, expr: sympy.Indexed) -> str:
+        name = self.arrays.get(str(expr.base), str(expr.base))
+        index = print_index(expr.indices[0])
+        if str(expr.base) in self.batched:
+            return f"{name}[{self.row}, {index}]"
+        return f"{name}[{index}]"
+
+    # -- arithmetic --------------------------------------------------------------------
+    def _print_Pow(self, expr: sympy.Pow, rational: bool = False) -> str:
+        base, exp = expr.base, expr.exp
+        prec = sympy.printing.precedence.precedence(expr)
+        if exp == -1:
+            return f"{self._literal(1.0)} / {self.parenthesize(base, prec)}"
+        if exp == sympy.Rational(1, 2):
+            return f"math.sqrt({self._print(base)})"
+        if exp == sympy.Rational(-1, 2):
+            return f"{self._literal(1.0)} / math.sqrt({self._print(base)})"
+        if exp.is_Integer and 2 <= int(exp) <= 4:
+            factor = self.parenthesize(base, prec)
+            return "*".join([factor] * int(exp))
+        return f"{self.parenthesize(base, prec)}**{self._print(exp)}"
+
+    def _print_Max(self, expr: sympy.Max) -> str:
+        return self._nest("max", expr.args)
+
+    def _print_Min(self, expr: sympy.Min) -> str:
+        return self._nest("min", expr.args)
+
+    def _nest(self, fn: str, args) -> str:
+        text = self._print(args[-1])
+        for arg in reversed(args[:-1]):
+            text = f"{fn}({self._print(arg)}, {text})"
+        return text
+
+    def _print_Abs(self, expr: sympy.Abs) -> str:
+        return f"abs({self._print(expr.args[0])})"
+
+    # -- functions ---------------------------------------------------------------------
+    def _tanh(self, arg: str) -> str:
+        return f"{self.fast_tanh}({arg})" if self.fast_tanh else f"math.tanh({arg})"
+
+    def _print_tanh(self, expr: sympy.tanh) -> str:
+        return self._tanh(self._print(expr.args[0]))
+
+    def _print_sigmoid(self, expr: sigmoid) -> str:
+        # 1/(1+exp(-x)) == 0.5*tanh(x/2) + 0.5: no exp, so no overflow for any x.
+        half = self._literal(0.5)
+        return f"({half} * {self._tanh(f'{half} * ({self._print(expr.args[0])})')} + {half})"
+
+    def _print_exp(self, expr: sympy.exp) -> str:
+        return f"math.exp({self._print(expr.args[0])})"
+
+    def _print_log(self, expr: sympy.log) -> str:
+        return f"math.log({self._print(expr.args[0])})"
+
+    def _print_Symbol(self, expr: sympy.Symbol) -> str:
+        return expr.name
+
+
+class NumPyVectorPrinter(NumPyPrinter):
+    """Whole-batch NumPy expressions for the reference backend; spec names get ``v_``."""
+
+    def __init__(self) -> None:
+        super().__init__({"fully_qualified_modules": False})
+
+    def _print_Symbol(self, expr: sympy.Symbol) -> str:
+        return f"v_{expr.name}"
+
+    def _module_format(self, fqn: str, register: bool = True) -> str:
+        return fqn.replace("numpy.", "np.")
+
+    def _print_sigmoid(self, expr: sigmoid) -> str:
+        return f"(0.5 * np.tanh(0.5 * ({self._print(expr.args[0])})) + 0.5)"
+
+    def _print_Max(self, expr: sympy.Max) -> str:
+        text = self._print(expr.args[-1])
+        for arg in reversed(expr.args[:-1]):
+            text = f"np.maximum({self._print(arg)}, {text})"
+        return text
+
+    def _print_Min(self, expr: sympy.Min) -> str:
+        text = self._print(expr.args[-1])
+        for arg in reversed(expr.args[:-1]):
+            text = f"np.minimum({self._print(arg)}, {text})"
+        return text
+
+    def _print_Infinity(self, expr) -> str:
+        return "np.inf"
+
+    def _print_NegativeInfinity(self, expr) -> str:
+        return "-np.inf"

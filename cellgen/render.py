@@ -1,0 +1,274 @@
+"""Stage 4b (FusedPlan -> module text): the Jinja environment and the template context.
+
+Everything a template receives is a string, an int, a bool or a list/dict of
+those: expressions are printed here by :mod:`cellgen.printing`, structure lives
+in ``templates/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import sympy
+
+from cellgen import __version__
+from cellgen.analysis import OUT, PRE, PRE_PREV, X, X_PREV, param_array, state_array
+from cellgen.dsl import INPUT_SIZE, NUM_UNITS
+from cellgen.plan import FusedPlan, Loop
+from cellgen.printing import DTYPES, NumbaPrinter, NumPyVectorPrinter, print_index
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+#: Per-step views the kernels index instead of the [T, ...] arrays.
+STEP_VIEWS = {PRE: "pre_t", X: "x_t", OUT: "out_t"}
+
+
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=False,
+        lstrip_blocks=False,
+    )
+
+
+def templates_digest() -> str:
+    """sha256 over every template file: part of each generated module's key."""
+    h = hashlib.sha256()
+    for path in sorted(TEMPLATES.glob("*.j2")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class LoopText:
+    domain: str
+    body: str
+
+
+class KernelPrinter:
+    """Prints one plan's epilogue loops for one dtype, as the CPU/GPU templates need them."""
+
+    def __init__(self, plan: FusedPlan, dtype: str, fast_tanh: str | None = None,
+                 arrays: dict[str, str] | None = None, row: str = "b") -> None:
+        self.plan = plan
+        self.printer = NumbaPrinter(dtype, plan.batched_arrays, row=row, fast_tanh=fast_tanh,
+                                    arrays=STEP_VIEWS if arrays is None else arrays)
+
+    def loop(self, loop: Loop) -> LoopText:
+        p = self.printer
+        lines = [f"{p.doprint(sym)} = {p.doprint(expr)}" for sym, expr in loop.temps]
+        values = []
+        for k, store in enumerate(loop.stores):
+            value = p.doprint(store.value)
+            if isinstance(store.value, sympy.Symbol | sympy.Indexed):
+                values.append(value)
+            else:
+                lines.append(f"_v{k} = {value}")
+                values.append(f"_v{k}")
+        lines += [f"{p.doprint(s.target)} = {v}" for s, v in zip(loop.stores, values, strict=True)]
+        return LoopText(print_index(loop.domain), "\n".join(lines))
+
+    def masked_loop(self, loop: Loop) -> LoopText | None:
+        p = self.printer
+        lines = [f"{p.doprint(s.target)} = {p.doprint(s.masked)}" for s in loop.stores
+                 if s.masked is not None and s.masked != s.target]
+        return LoopText(print_index(loop.domain), "\n".join(lines)) if lines else None
+
+
+def _take_sizes(names: list[str]) -> str:
+    """``num_proj, = _rt.take_sizes(sizes, ("num_proj",))``: keyword sizes, checked."""
+    if not names:
+        return "_rt.take_sizes(sizes, ())"
+    return f"{', '.join(names)}, = _rt.take_sizes(sizes, ({''.join(repr(n) + ', ' for n in names)}))"
+
+
+def _needed(exprs, spec) -> list[str]:
+    symbols = set().union(*(sympy.sympify(e).free_symbols for e in exprs)) if exprs else set()
+    return [str(s) for s in (INPUT_SIZE, *spec.sizes) if s in symbols]
+
+
+def _params(plan: FusedPlan) -> list[dict[str, Any]]:
+    spec, out = plan.spec, []
+    for lin in spec.linears:
+        out.append({"name": lin.kernel, "shape": [print_index(lin.rows), print_index(lin.columns)],
+                    "init": repr("glorot_uniform")})
+        if lin.bias is not None:
+            out.append({"name": lin.bias, "shape": [print_index(lin.columns)], "init": repr(lin.bias_init)})
+    for p in spec.params:
+        out.append({"name": p.name, "shape": [print_index(p.size)], "init": repr(p.init)})
+    return out
+
+
+def _size_rules(plan: FusedPlan) -> list[dict[str, Any]]:
+    """For num_units and each extra size: a parameter dimension that determines it."""
+    spec = plan.spec
+    known = {INPUT_SIZE}
+    rules = []
+    dims = [(p["name"], k, lin_dim) for p, lin_dim_list in _param_dims(plan) for k, lin_dim in enumerate(lin_dim_list)]
+    d = sympy.Symbol("d")
+    for size in (NUM_UNITS, *spec.sizes):
+        for name, k, dim in dims:
+            if size in dim.free_symbols and dim.free_symbols - {size} <= known:
+                solution = sympy.solve(sympy.Eq(d, dim), size)
+                if len(solution) == 1:
+                    expr = solution[0].subs({s: sympy.Symbol(f"sizes[{str(s)!r}]") for s in known})
+                    rules.append({"size": str(size), "param": name, "dim": k, "expr": _int_expr(expr)})
+                    known.add(size)
+                    break
+    return rules
+
+
+def _int_expr(expr: sympy.Expr) -> str:
+    num, den = sympy.fraction(sympy.together(expr))
+    text = print_index(num)
+    return text if den == 1 else f"({text}) // {print_index(den)}"
+
+
+def _param_dims(plan: FusedPlan):
+    spec = plan.spec
+    for lin in spec.linears:
+        yield {"name": lin.kernel}, [lin.rows, lin.columns]
+        if lin.bias is not None:
+            yield {"name": lin.bias}, [lin.columns]
+    for p in spec.params:
+        yield {"name": p.name}, [p.size]
+
+
+def _reference(plan: FusedPlan) -> dict[str, Any]:
+    spec, p = plan.spec, NumPyVectorPrinter()
+    from cellgen.analysis import _Analysis  # the same topological order the plan used
+
+    order = _Analysis(spec)._topological(spec.linears)
+    linears = [{"operands": [p.doprint(o) for o in lin.operands], "kernel": lin.kernel, "bias": lin.bias,
+                "gates": [str(g) for g in lin.gates]} for lin in order]
+    return {
+        "reference_linears": linears,
+        "reference_updates": [p.doprint(expr) for _, expr, _ in spec.updates],
+        "reference_output": p.doprint(spec.output),
+        "unit_params": [v.name for v in spec.params],
+    }
+
+
+def _cpu(plan: FusedPlan) -> dict[str, Any]:
+    spec = plan.spec
+    states = [state_array(n) for n in plan.recurrent_states]
+    hoisted = plan.hoisted
+    args: list[tuple[str, str]] = []
+    if hoisted is not None:
+        args.append((PRE, "pre"))
+        if hoisted.delayed:
+            args.append(("pre0", "pre0"))
+    if plan.uses_x or plan.uses_x_prev:
+        args.append(("xs", "xs"))
+    if plan.uses_x_prev:
+        args.append(("x0", "x0"))
+    args.append(("lengths", "lengths"))
+    args += [(f"w_rec{g.stage}", f"recurrent[{g.stage}]") for g in plan.gemms]
+    args += [(param_array(n), f"params[{n!r}]") for n in (*plan.unit_params, *plan.epilogue_biases)]
+    args += [(h.name, f"dtype.type(hyper[{h.name!r}])") for h in spec.hypers]
+    args += [(str(s), f"sizes[{str(s)!r}]") for s in spec.all_sizes]
+    names = list(spec.state(n).name for n in plan.recurrent_states)
+    args += [(state_array(n), f"np.array(states[{list(_state_names(spec)).index(n)}], order='C')") for n in names]
+    args.append((OUT, "out"))
+
+    views = []
+    if hoisted is not None:
+        views.append("pre_t = pre[t]")
+        if hoisted.delayed:
+            views.append("pre_prev = pre0 if t == 0 else pre[t - 1]")
+    if plan.uses_x:
+        views.append("x_t = xs[t]")
+    if plan.uses_x_prev:
+        views.append("x_prev = x0 if t == 0 else xs[t - 1]")
+    views.append("out_t = out[t]")
+
+    buffers = []
+    for g in plan.gemms:
+        buffers.append({"name": g.result, "width": print_index(g.width)})
+        if g.operand_buffer is not None:
+            buffers.append({"name": g.operand_buffer, "width": print_index(g.rows)})
+
+    kernels = []
+    for dtype in DTYPES:
+        kp = KernelPrinter(plan, dtype)
+        schedule = []
+        for kind, index in plan.schedule():
+            if kind == "gemm":
+                g = plan.gemms[index]
+                operand = state_array(g.direct_state) if g.direct_state else g.operand_buffer
+                schedule.append({"kind": "gemm", "operand": operand, "weight": f"w_rec{index}", "result": g.result})
+            else:
+                epi = next(e for e in plan.epilogues if e.index == index)
+                masked = [m for m in (kp.masked_loop(loop) for loop in epi.loops) if m is not None]
+                schedule.append({"kind": "epilogue", "loops": [kp.loop(loop) for loop in epi.loops],
+                                 "masked_loops": masked})
+        loops = [kp.loop(loop) for e in plan.epilogues for loop in e.loops]
+        kernels.append({"dtype": dtype, "np_dtype": DTYPES[dtype], "schedule": schedule, "loops": loops})
+
+    delay_index = None
+    if plan.delay_states:
+        delay_index = list(_state_names(spec)).index(plan.delay_states[0])
+    batch_outer = plan.scan_only and not plan.double_buffered
+    return {
+        "kernels": kernels, "args": [a for a, _ in args], "call_args": [c for _, c in args],
+        "double_buffered": [state_array(n) for n in plan.double_buffered], "buffers": buffers,
+        "states": states, "step_views": "\n".join(views), "batch_outer": batch_outer,
+        "parallel": batch_outer, "delay_index": delay_index,
+        "output_size": print_index(plan.output_size),
+    }
+
+
+def _state_names(spec) -> tuple[str, ...]:
+    return tuple(s.name for s in spec.states)
+
+
+def _blocks(blocks) -> list[dict[str, str]]:
+    return [{"kernel": b.kernel, "row_start": print_index(b.row_start), "rows": print_index(b.rows),
+             "dest_row": print_index(b.dest_row), "dest_col": print_index(b.dest_col),
+             "width": print_index(b.width)} for b in blocks]
+
+
+def context(plan: FusedPlan, spec_path: str, key: str) -> dict[str, Any]:
+    """Everything ``templates/module.py.j2`` needs, as plain strings and ints."""
+    spec = plan.spec
+    hoisted = None
+    if plan.hoisted is not None:
+        h = plan.hoisted
+        hoisted = {"rows": print_index(h.rows), "width": print_index(h.width), "blocks": _blocks(h.blocks),
+                   "biases": [{"bias": b.bias, "dest_col": print_index(b.dest_col), "width": print_index(b.width)}
+                              for b in h.biases], "delayed": h.delayed}
+    gemms = [{"rows": print_index(g.rows), "width": print_index(g.width), "blocks": _blocks(g.blocks)}
+             for g in plan.gemms]
+    params = _params(plan)
+    return {
+        "version": __version__, "spec_path": spec_path, "key": key, "name": spec.name,
+        "summary": (spec.doc.strip().splitlines() or [spec.name])[0],
+        "states": [{"name": s.name, "size": print_index(s.size), "delay": s.name in plan.delay_states}
+                   for s in spec.states],
+        "sizes": [str(s) for s in spec.sizes],
+        "hypers": [{"name": h.name, "default": repr(h.default) if h.default not in (float("inf"), float("-inf"))
+                    else ("math.inf" if h.default > 0 else "-math.inf")} for h in spec.hypers],
+        "delay_states": list(plan.delay_states),
+        "params": params, "first_param": params[0]["name"] if params else "",
+        "sizes_for_params": _take_sizes([str(s) for s in spec.sizes]),
+        "sizes_for_state": _take_sizes(_needed([s.size for s in spec.states], spec)),
+        "sizes_for_output": _take_sizes(_needed([plan.output_size], spec)),
+        "sizes_from_dict": "; ".join(f"{n} = sizes[{n!r}]" for n in map(str, spec.all_sizes)),
+        "output_size": print_index(plan.output_size),
+        "size_rules": _size_rules(plan),
+        "input_name": spec.input.name,
+        "hoisted": hoisted, "gemms": gemms,
+        "cpu": _cpu(plan),
+        **_reference(plan),
+    }
+
+
+def render_module(plan: FusedPlan, spec_path: str, key: str) -> str:
+    """The generated module's text."""
+    return environment().get_template("module.py.j2").render(**context(plan, spec_path, key))

@@ -1,0 +1,17 @@
+"""Hand-written runtime the generated modules share: argument checks, the dynamic_rnn driver,
+reverse-by-length and parameter helpers. Nothing here depends on a particular cell."""
+
+from cellgen.runtime.driver import (
+    CellInfo,
+    bidirectional_dynamic_rnn,
+    cell_step,
+    dynamic_rnn,
+    hoisted_gemm,
+    reverse_sequence,
+)
+from cellgen.runtime.params import check_params, init_params, size_from, take_sizes
+
+__all__ = [
+    "CellInfo", "bidirectional_dynamic_rnn", "cell_step", "check_params", "dynamic_rnn", "hoisted_gemm",
+    "init_params", "reverse_sequence", "size_from", "take_sizes",
+]

@@ -1,0 +1,79 @@
+"""`cellgen show`: the fused plan as a person reads it (stages, weights, hoisting, epilogues, FLOPs)."""
+
+from __future__ import annotations
+
+import sympy
+
+from cellgen.dsl import INPUT_SIZE, NUM_UNITS
+from cellgen.plan import FusedPlan
+from cellgen.printing import print_index
+
+
+def _dims(expr: sympy.Expr, sizes: dict[sympy.Symbol, int]) -> str:
+    value = sympy.sympify(expr).subs(sizes)
+    return f"{print_index(expr)}={value}" if value.is_Integer and not sympy.sympify(expr).is_Integer else str(value)
+
+
+def flops(plan: FusedPlan, batch: int, sizes: dict[sympy.Symbol, int]) -> dict[str, int]:
+    """FLOPs per time step: hoisted GEMM (per step share), recurrent GEMMs, epilogue ops."""
+    out = {"hoisted": 0, "recurrent": 0, "epilogue": 0}
+    if plan.hoisted is not None:
+        out["hoisted"] = int(2 * batch * sympy.sympify(plan.hoisted.rows * plan.hoisted.width).subs(sizes))
+    for g in plan.gemms:
+        out["recurrent"] += int(2 * batch * sympy.sympify(g.rows * g.width).subs(sizes))
+    for e in plan.epilogues:
+        for loop in e.loops:
+            out["epilogue"] += int(batch * loop.ops * sympy.sympify(loop.domain).subs(sizes))
+    return out
+
+
+def describe(plan: FusedPlan, batch: int = 64, sizes: dict[str, int] | None = None) -> str:
+    """A multi-line description of the plan, with FLOPs per step at the given sizes."""
+    spec = plan.spec
+    given = dict(sizes or {})
+    numeric = {INPUT_SIZE: given.get("input_size", 256), NUM_UNITS: given.get("num_units", 256)}
+    for s in spec.sizes:
+        numeric[s] = given.get(str(s), numeric[NUM_UNITS])
+    lines = [f"cell {spec.name}  ({spec.path})"]
+    if spec.doc:
+        lines.append(f"  {spec.doc.strip().splitlines()[0]}")
+    lines.append(f"  states: {', '.join(f'{s.name}[{print_index(s.size)}]' for s in spec.states)}"
+                 + (f"   delay (x_t-1, hoisted): {', '.join(plan.delay_states)}" if plan.delay_states else ""))
+    lines.append(f"  sizes for figures: {', '.join(f'{k}={v}' for k, v in numeric.items())}, batch={batch}")
+    lines.append("")
+    if plan.hoisted is None:
+        lines.append("hoisted GEMM: none (no linear reads the input)")
+    else:
+        h = plan.hoisted
+        lines.append(f"hoisted GEMM (once over all T*B rows): x[T*B, {_dims(h.rows, numeric)}] @ "
+                     f"W[{_dims(h.rows, numeric)}, {_dims(h.width, numeric)}]")
+        for b in h.blocks:
+            delayed = " (x_t-1: read one step late)" if b.delayed else ""
+            lines.append(f"    cols {print_index(b.dest_col)}..+{print_index(b.width)}: "
+                         f"{b.kernel}[rows {print_index(b.row_start)}..+{print_index(b.rows)}]{delayed}")
+        for b in h.biases:
+            lines.append(f"    bias {b.bias} -> cols {print_index(b.dest_col)}..+{print_index(b.width)}")
+    for g in plan.gemms:
+        ops = " | ".join(o.label if len(o.label) < 40 else o.label[:37] + "..." for o in g.operands)
+        lines.append(f"recurrent GEMM {g.stage} (per step): [{ops}][B, {_dims(g.rows, numeric)}] @ "
+                     f"W[{_dims(g.rows, numeric)}, {_dims(g.width, numeric)}]  linears: {', '.join(g.linears)}")
+    if plan.scan_only:
+        lines.append("recurrent GEMMs: 0  -> the step is a pure elementwise scan")
+    lines.append("")
+    lines.append("per step: " + " -> ".join(f"{k} {i}" for k, i in plan.schedule()))
+    for e in plan.epilogues:
+        for loop in e.loops:
+            lines.append(f"epilogue {e.index}, loop over {print_index(loop.domain)} units ({loop.ops} ops/unit):")
+            for sym, expr in loop.temps:
+                lines.append(f"    {sym} = {expr}")
+            for st in loop.stores:
+                masked = "" if st.masked is None else f"   (past length: {st.masked})"
+                lines.append(f"    {st.target} = {st.value}{masked}")
+    f = flops(plan, batch, numeric)
+    total = sum(f.values())
+    lines.append("")
+    lines.append(f"FLOPs per step: hoisted {f['hoisted']:,} + recurrent {f['recurrent']:,} + epilogue "
+                 f"{f['epilogue']:,} = {total:,}")
+    lines.append(f"states updated in place: {', '.join(n for n in plan.recurrent_states if n not in plan.double_buffered) or 'none'}"
+                 f"; double-buffered: {', '.join(plan.double_buffered) or 'none'}")
+    return "\n".join(lines)

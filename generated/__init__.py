@@ -1,0 +1,1 @@
+"""Generated cell modules (cellgen build). DO NOT EDIT by hand."""
