@@ -20,7 +20,12 @@ from collections import defaultdict
 import sympy
 
 from cellgen.plan import (
+    OUT,
+    PRE,
+    PRE_PREV,
     UNIT,
+    X,
+    X_PREV,
     BiasBlock,
     Epilogue,
     FusedPlan,
@@ -30,26 +35,11 @@ from cellgen.plan import (
     RecurrentGemm,
     Store,
     WeightBlock,
+    new_state_array,
+    param_array,
+    state_array,
 )
-from cellgen.spec import CellSpec, Linear
-
-PRE, PRE_PREV, X, X_PREV, OUT = "pre", "pre_prev", "x", "x_prev", "out"
-
-
-def state_array(name: str) -> str:
-    """The kernel array holding a state's value before the step."""
-    return f"s_{name}"
-
-
-def new_state_array(name: str) -> str:
-    """The kernel array receiving a state's value after the step."""
-    return f"s_{name}_new"
-
-
-def param_array(name: str) -> str:
-    """The kernel array of a parameter (``w_f_diag``, ``gates/bias`` -> ``p_gates_bias``)."""
-    return "p_" + "".join(ch if ch.isalnum() else "_" for ch in name)
-
+from cellgen.spec import CellSpec, Linear, SpecError
 
 def delay_states(spec: CellSpec) -> tuple[str, ...]:
     """States whose update is exactly the input: their value at step t is x_{t-1}."""
@@ -60,6 +50,10 @@ class _Analysis:
     def __init__(self, spec: CellSpec) -> None:
         self.spec = spec
         self.delays = delay_states(spec)
+        if len(self.delays) > 1:
+            line = next(ln for name, _, ln in spec.updates if name == self.delays[1])
+            raise SpecError(spec.path, line, f"update of {self.delays[1]}",
+                            f"states {', '.join(self.delays)} are all x_(t-1); keep one delay state")
         self.delay_symbols = {spec.state(n).symbol for n in self.delays}
         self.linear_of = {g: lin for lin in spec.linears for g in lin.gates}
         self.avail_cache: dict[sympy.Expr, int] = {}
@@ -224,6 +218,11 @@ class _Analysis:
             loops = tuple(Loop(size, (), tuple(sts)) for size, sts in by_domain.items())
             epilogues.append(Epilogue(index, loops))
         return epilogues
+
+
+def linear_order(spec: CellSpec) -> list[Linear]:
+    """The linears in dependency order (a linear after those whose gates its operands use)."""
+    return _Analysis(spec)._topological(spec.linears)
 
 
 def _at(array: str, index: sympy.Expr) -> sympy.Indexed:

@@ -7,7 +7,7 @@ import dataclasses
 import sympy
 
 from cellgen.dsl import sigmoid
-from cellgen.plan import Epilogue, FusedPlan, Loop, Store
+from cellgen.plan import Epilogue, FusedPlan, Loop, Store, new_state_array, state_array
 
 _W = sympy.Wild("w")
 
@@ -59,8 +59,6 @@ def update_in_place(plan: FusedPlan) -> FusedPlan:
     Every other state stays double-buffered (``s_h_new``, swapped after the step).
     Rows past their sequence length then need no copy: their in-place state is kept.
     """
-    from cellgen.analysis import new_state_array, state_array
-
     loops = [loop for epi in plan.epilogues for loop in epi.loops]
 
     def reads(loop: Loop) -> set[str]:

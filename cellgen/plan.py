@@ -22,6 +22,24 @@ from cellgen.spec import CellSpec
 #: The unit (column) index of an epilogue loop.
 UNIT = sympy.Symbol("j", integer=True, nonnegative=True)
 
+#: Kernel array names: hoisted pre-activations at t and t-1, the input at t and t-1, the output.
+PRE, PRE_PREV, X, X_PREV, OUT = "pre", "pre_prev", "x", "x_prev", "out"
+
+
+def state_array(name: str) -> str:
+    """The kernel array holding a state's value before the step."""
+    return f"s_{name}"
+
+
+def new_state_array(name: str) -> str:
+    """The kernel array receiving a state's value after the step."""
+    return f"s_{name}_new"
+
+
+def param_array(name: str) -> str:
+    """The kernel array of a parameter (``w_f_diag``, ``gates/bias`` -> ``p_gates_bias``)."""
+    return "p_" + "".join(ch if ch.isalnum() else "_" for ch in name)
+
 
 @dataclass(frozen=True)
 class WeightBlock:

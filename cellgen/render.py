@@ -16,9 +16,9 @@ import jinja2
 import sympy
 
 from cellgen import __version__
-from cellgen.analysis import OUT, PRE, PRE_PREV, X, X_PREV, param_array, state_array
+from cellgen.analysis import linear_order
 from cellgen.dsl import INPUT_SIZE, NUM_UNITS
-from cellgen.plan import FusedPlan, Loop
+from cellgen.plan import OUT, PRE, X, FusedPlan, Loop, param_array, state_array
 from cellgen.printing import DTYPES, NumbaPrinter, NumPyVectorPrinter, print_index
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -142,9 +142,7 @@ def _param_dims(plan: FusedPlan):
 
 def _reference(plan: FusedPlan) -> dict[str, Any]:
     spec, p = plan.spec, NumPyVectorPrinter()
-    from cellgen.analysis import _Analysis  # the same topological order the plan used
-
-    order = _Analysis(spec)._topological(spec.linears)
+    order = linear_order(spec)
     linears = [{"operands": [p.doprint(o) for o in lin.operands], "kernel": lin.kernel, "bias": lin.bias,
                 "gates": [str(g) for g in lin.gates]} for lin in order]
     return {

@@ -74,6 +74,7 @@ def describe(plan: FusedPlan, batch: int = 64, sizes: dict[str, int] | None = No
     lines.append("")
     lines.append(f"FLOPs per step: hoisted {f['hoisted']:,} + recurrent {f['recurrent']:,} + epilogue "
                  f"{f['epilogue']:,} = {total:,}")
-    lines.append(f"states updated in place: {', '.join(n for n in plan.recurrent_states if n not in plan.double_buffered) or 'none'}"
+    in_place = [n for n in plan.recurrent_states if n not in plan.double_buffered]
+    lines.append(f"states updated in place: {', '.join(in_place) or 'none'}"
                  f"; double-buffered: {', '.join(plan.double_buffered) or 'none'}")
     return "\n".join(lines)

@@ -27,9 +27,10 @@ def sequence_lengths(sequence_length, batch_size: int, max_time: int) -> np.ndar
     arr = np.asarray(sequence_length)
     if arr.shape != (batch_size,):
         raise ValueError(f"sequence_length must have shape [batch_size] = ({batch_size},), got {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if not np.issubdtype(arr.dtype, np.floating) or not np.all(arr == np.round(arr)):
-            raise ValueError(f"sequence_length must hold integers, got dtype {arr.dtype}")
+    integral = np.issubdtype(arr.dtype, np.integer) or (
+        np.issubdtype(arr.dtype, np.floating) and bool(np.all(arr == np.round(arr))))
+    if arr.size and not integral:
+        raise ValueError(f"sequence_length must hold integers, got dtype {arr.dtype}")
     lengths = arr.astype(np.int64)
     if lengths.size and (lengths.min() < 0 or lengths.max() > max_time):
         raise ValueError(f"sequence_length values must lie in [0, max_time={max_time}], got "
