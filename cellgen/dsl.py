@@ -220,10 +220,17 @@ _DSL_FILE = os.path.abspath(__file__)
 
 
 def _caller() -> Where:
-    """The first frame outside this module: the spec file line that made the call."""
-    for frame in inspect.stack()[1:]:
-        if os.path.abspath(frame.filename) != _DSL_FILE:
+    """The first frame outside this module: the spec file line that made the call.
+
+    Frames of generated code (``<string>``, e.g. the dataclass ``__init__`` that calls
+    ``Cell.__post_init__``) are skipped, so ``Cell(...)`` is placed on its spec line.
+    """
+    outside = [f for f in inspect.stack()[1:] if os.path.abspath(f.filename) != _DSL_FILE]
+    for frame in outside:
+        if not frame.filename.startswith("<"):
             return Where(frame.filename, frame.lineno)
+    if outside:  # pragma: no cover - a Cell built in an interactive session
+        return Where(outside[0].filename, outside[0].lineno)
     return Where("<unknown>", 0)  # pragma: no cover
 
 

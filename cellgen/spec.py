@@ -126,7 +126,9 @@ def load_spec(path: str | Path) -> CellSpec:
         raise SpecError(path, _spec_line(exc, path), "spec", f"{type(exc).__name__}: {exc}") from None
     cells = [v for v in namespace.values() if isinstance(v, Cell)]
     if len(cells) != 1:
-        raise SpecError(path, 1, "spec", f"must build exactly one cellgen.dsl.Cell, found {len(cells)}")
+        where = cells[1].created_at if len(cells) > 1 else None
+        line = where.line if where is not None and Path(where.path) == path else 1
+        raise SpecError(path, line, "spec", f"must build exactly one cellgen.dsl.Cell, found {len(cells)}")
     return validate(cells[0], path)
 
 
@@ -158,7 +160,8 @@ class _Validator:
                 raise self.fail(decl.where, key, f"size {decl.size} is not a declared size ({self._size_names()})")
         inputs = [d for d in self.cell.vectors.values() if d.kind == "input"]
         if len(inputs) != 1:
-            raise self.fail(self.cell.created_at, "input", f"a cell has exactly one input, found {len(inputs)}")
+            where = inputs[1].where if inputs else self.cell.created_at
+            raise self.fail(where, "input", f"a cell has exactly one input, found {len(inputs)}")
         for name, hyp in self.cell.hypers.items():
             if name in self.cell.vectors:
                 raise self.fail(hyp.where, name, f"name {name!r} is declared twice")

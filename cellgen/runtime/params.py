@@ -32,7 +32,7 @@ def size_from(params: Mapping[str, np.ndarray], name: str, dim: int, solve, size
     if not isinstance(params, Mapping):
         raise ValueError(f"params must be a dict of parameter arrays, got {type(params).__name__}")
     if name not in params:
-        raise ValueError(f"missing parameter {name!r} (expected names: {', '.join(sorted(params)) or 'none given'})")
+        raise ValueError(f"missing parameter {name!r} (params given: {', '.join(sorted(params)) or 'none'})")
     shape = np.shape(params[name])
     if len(shape) <= dim:
         raise ValueError(f"parameter {name!r} has shape {shape}, expected rank {dim + 1} or more")
@@ -41,21 +41,30 @@ def size_from(params: Mapping[str, np.ndarray], name: str, dim: int, solve, size
 
 
 def check_params(params: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]],
-                 dtype: np.dtype) -> dict[str, np.ndarray]:
-    """Every expected name present with its exact shape and ``dtype``; no unknown names."""
+                 dtype: np.dtype, sizes: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Every expected name present with its exact shape and ``dtype``; no unknown names.
+
+    ``sizes`` (input_size from the inputs, the rest read off the parameters) is quoted in
+    shape errors: a wrong ``input_size`` otherwise shows up as a puzzling expected shape.
+    """
     unknown = sorted(set(params) - set(expected))
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; expected "
                          f"{', '.join(map(repr, expected))}")
+    context = ""
+    if sizes:
+        given = [f"{k}={v} (from the inputs)" if k == "input_size" else f"{k}={v}" for k, v in sizes.items()]
+        context = " for " + ", ".join(given)
     checked = {}
     for name, shape in expected.items():
         if name not in params:
-            raise ValueError(f"missing parameter {name!r} with shape {shape}")
+            raise ValueError(f"missing parameter {name!r} with shape {tuple(shape)}{context}")
         value = params[name]
-        if not hasattr(value, "shape") or tuple(value.shape) != tuple(shape):
-            got = getattr(value, "shape", type(value).__name__)
-            raise ValueError(f"parameter {name!r} has shape {tuple(got) if hasattr(got, '__len__') else got}, "
-                             f"expected {tuple(shape)}")
+        if not hasattr(value, "shape"):
+            raise ValueError(f"parameter {name!r} is a {type(value).__name__}, expected an array of shape "
+                             f"{tuple(shape)}{context}")
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"parameter {name!r} has shape {tuple(value.shape)}, expected {tuple(shape)}{context}")
         arr = np.asarray(value)
         if arr.dtype != dtype:
             raise ValueError(f"parameter {name!r} has dtype {arr.dtype}, expected {dtype} (the inputs' dtype)")

@@ -1,0 +1,105 @@
+"""Printers: exact strings (as SymPy's own printer tests do)."""
+
+from __future__ import annotations
+
+import pytest
+import sympy
+
+from cellgen.dsl import NUM_UNITS, sigmoid
+from cellgen.plan import UNIT
+from cellgen.printing import NumbaPrinter, NumPyVectorPrinter, print_index
+
+x, y, c = sympy.symbols("x y c", real=True)
+j, n = UNIT, NUM_UNITS
+
+
+def f32(expr: sympy.Expr) -> str:
+    return NumbaPrinter("float32").doprint(expr)
+
+
+def f64(expr: sympy.Expr) -> str:
+    return NumbaPrinter("float64").doprint(expr)
+
+
+@pytest.mark.parametrize("expr, want32, want64", [
+    (sympy.Float(0.5) * x, "np.float32(0.5)*x", "0.5*x"),
+    (1 - x, "np.float32(1.0) - x", "1.0 - x"),
+    (2 * x, "np.float32(2.0)*x", "2.0*x"),
+    (x / 4, "(np.float32(0.25))*x", "(0.25)*x"),
+    (sympy.oo, "np.float32(math.inf)", "math.inf"),
+    (-sympy.oo, "np.float32(-math.inf)", "-math.inf"),
+])
+def test_literals_are_typed_in_the_kernel_dtype(expr, want32: str, want64: str) -> None:
+    assert f32(expr) == want32
+    assert f64(expr) == want64
+
+
+def test_sigmoid_is_printed_without_exp() -> None:
+    assert f32(sigmoid(x)) == "(np.float32(0.5) * math.tanh(np.float32(0.5) * (x)) + np.float32(0.5))"
+    assert f64(sigmoid(x + y)) == "(0.5 * math.tanh(0.5 * (x + y)) + 0.5)"
+    assert NumbaPrinter("float32", fast_tanh="_tanh").doprint(sigmoid(x)) == \
+        "(np.float32(0.5) * _tanh(np.float32(0.5) * (x)) + np.float32(0.5))"
+    assert "exp" not in f64(sigmoid(-1000 * x))
+
+
+def test_math_functions() -> None:
+    assert f64(sympy.tanh(x)) == "math.tanh(x)"
+    assert NumbaPrinter("float64", fast_tanh="_tanh").doprint(sympy.tanh(x)) == "_tanh(x)"
+    assert f64(sympy.exp(-x)) == "math.exp(-x)"
+    assert f64(sympy.log(x)) == "math.log(x)"
+    assert f64(sympy.Abs(x)) == "abs(x)"
+
+
+def test_indexed_reads() -> None:
+    pre = sympy.Indexed(sympy.IndexedBase("pre"), j + 2 * n)
+    diag = sympy.Indexed(sympy.IndexedBase("p_w_f_diag"), j)
+    p = NumbaPrinter("float32", batched=("pre",))
+    assert p.doprint(pre) == "pre[b, j + 2*num_units]"
+    assert p.doprint(diag) == "p_w_f_diag[j]"
+    assert p.doprint(pre * diag) == "p_w_f_diag[j]*pre[b, j + 2*num_units]"
+    renamed = NumbaPrinter("float64", batched=("pre",), row="r", arrays={"pre": "pre_t"})
+    assert renamed.doprint(pre) == "pre_t[r, j + 2*num_units]"
+
+
+@pytest.mark.parametrize("expr, want", [
+    (x ** -1, "np.float32(1.0) / x"),
+    (1 / (x + y), "np.float32(1.0) / (x + y)"),
+    (x ** 2, "x*x"),
+    ((x + y) ** 2, "(x + y)*(x + y)"),
+    (x ** 3, "x*x*x"),
+    (x ** 4, "x*x*x*x"),
+    (x ** 5, "x**np.float32(5.0)"),
+    (sympy.sqrt(x), "math.sqrt(x)"),
+    (1 / sympy.sqrt(x), "np.float32(1.0) / math.sqrt(x)"),
+    (x ** sympy.Rational(3, 2), "x**np.float32(1.5)"),
+])
+def test_pow(expr, want: str) -> None:
+    assert f32(expr) == want
+
+
+def test_max_min_nest() -> None:
+    assert f64(sympy.Max(x, y)) == "max(x, y)"
+    assert f64(sympy.Min(x, y)) == "min(x, y)"
+    assert f64(sympy.Max(x, y, c)) == "max(c, max(x, y))"
+    # TF's clip: Min(Max(v, -clip), clip)
+    assert f64(sympy.Min(sympy.Max(x, -c), c)) == "min(c, max(x, -c))"
+    assert f32(sympy.Max(x, 0)) == "max(np.float32(0.0), x)"
+
+
+def test_unknown_dtype() -> None:
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        NumbaPrinter("float16")
+
+
+def test_index_printer() -> None:
+    assert print_index(3 * n + j) == "j + 3*num_units"
+    assert print_index(sympy.Integer(0)) == "0"
+    assert print_index(sympy.Symbol("input_size") + n) == "input_size + num_units"
+
+
+def test_numpy_vector_printer() -> None:
+    p = NumPyVectorPrinter()
+    assert p.doprint(sigmoid(x)) == "(0.5 * np.tanh(0.5 * (v_x)) + 0.5)"
+    assert p.doprint(sympy.tanh(x) * y) == "v_y*np.tanh(v_x)"
+    assert p.doprint(sympy.Min(sympy.Max(x, -c), c)) == "np.minimum(v_c, np.maximum(v_x, -v_c))"
+    assert p.doprint(sympy.oo) == "np.inf"
