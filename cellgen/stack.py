@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 
 
 def multi_rnn(layers: Sequence, inputs, *, sequence_length=None, initial_states=None, time_major=False,
@@ -32,4 +31,4 @@ def multi_rnn(layers: Sequence, inputs, *, sequence_length=None, initial_states=
         outputs, state = module.dynamic_rnn(params, outputs, sequence_length=sequence_length, initial_state=init,
                                             time_major=time_major, backend=backend, **hyper)
         states.append(state)
-    return np.asarray(outputs), tuple(states)
+    return outputs, tuple(states)

@@ -1,0 +1,140 @@
+"""`cellgen bench --backend cuda`: time the generated CUDA kernels, and torch's cuDNN RNNs beside them.
+
+The cellgen figure is the steady-state forward pass: weights packed and uploaded once, inputs
+already on the device, ``_cuda_forward`` (hoisted GEMM + T step launches) timed with CUDA
+events and synchronised. torch (``torch.nn.LSTM``/``GRU`` under ``torch.no_grad()``, cuDNN)
+is timed the same way when torch sees a GPU: with cellgen's weights where the equations are
+the same (:data:`cellgen.bench_torch.TORCH_CELLS`, and the largest output difference is
+reported), otherwise as the nearest cuDNN cell of the same size (timing only). QRNN has no
+torch counterpart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from cellgen.bench_torch import TORCH_CELLS, _gru_weights, _lstm_weights
+from cellgen.runtime import cuda as rtc
+
+#: The issue's GPU shapes: (B, T, I, H).
+GPU_SHAPES = {"G1": (64, 100, 256, 256), "G2": (16, 1024, 768, 768)}
+#: cellgen cell -> the cuDNN cell timed beside it.
+TORCH_NEAREST = {"basic_lstm": "LSTM", "lstm": "LSTM", "gru": "GRU", "gru_cudnn": "GRU", "basic_rnn": "RNN"}
+
+
+def _event_times(fn, repeat: int, warmup: int, event, elapsed) -> dict[str, float]:
+    """Best and median milliseconds of ``fn`` between two recorded, synchronised events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start, end = event(), event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(elapsed(start, end))
+    return {"best_ms": float(min(times)), "median_ms": float(np.median(times))}
+
+
+def _cellgen_case(module: ModuleType, batch: int, steps: int, isize: int, units: int, seed: int):
+    """Parameters, the device call and a zero-argument forward for one shape (float32)."""
+    sizes = {name: units for name in module.SIZES}
+    params = module.init_params(isize, units, dtype=np.float32, seed=seed, **sizes)
+    inputs = np.random.default_rng(seed).standard_normal((steps, batch, isize)).astype(np.float32)
+    call = rtc.prepare(module._CELL, params, rtc.as_device(inputs), None, None, True, {})
+    weights = rtc.upload_weights(module._CELL.pack(call.params, call.sizes), call.params, module._CUDA_GATES,
+                                 module._CUDA_UNIT_PARAMS)
+
+    def forward():
+        return module._cuda_forward(weights, call.xs, call.lengths, call.states, call.hyper, call.sizes)
+
+    return params, call, forward
+
+
+def _torch_row(module: ModuleType, params, call, out, repeat: int, warmup: int) -> dict[str, Any] | None:
+    """torch's cuDNN cell on the same device inputs; None without torch or a GPU it can see."""
+    kind = TORCH_NEAREST.get(module.NAME)
+    try:
+        import torch
+    except ImportError:
+        return None
+    if kind is None or not torch.cuda.is_available():
+        return None
+    steps, batch, isize = call.xs.shape
+    units = call.sizes["num_units"]
+    net = getattr(torch.nn, kind)(isize, units).cuda().eval()
+    same = TORCH_CELLS.get(module.NAME) == kind
+    with torch.no_grad():
+        if same:
+            convert = _lstm_weights if kind == "LSTM" else _gru_weights
+            forget_bias = float(module.HYPER.get("forget_bias", 0.0))
+            for name, value in zip(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"),
+                                   convert(params, isize, units, forget_bias), strict=True):
+                getattr(net, name).copy_(torch.from_numpy(np.ascontiguousarray(value)))
+        xs = torch.as_tensor(call.xs, device="cuda")  # zero-copy through __cuda_array_interface__
+        times = _event_times(lambda: net(xs), repeat, warmup, lambda: torch.cuda.Event(enable_timing=True),
+                             lambda a, b: a.elapsed_time(b))
+        row: dict[str, Any] = {"impl": f"torch {kind} (cuDNN)", "same_weights": same, **times,
+                               "torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
+        if same:
+            row["max_abs_diff"] = float(np.abs(net(xs)[0].cpu().numpy() - out).max(initial=0.0))
+    return row
+
+
+def bench_cuda(modules: Sequence[ModuleType], shapes: Sequence[tuple[str, tuple[int, int, int, int]]],
+               repeat: int, warmup: int = 2, torch: bool = True) -> list[dict[str, Any]]:
+    """Time every generated module at every (label, (B, T, I, H)) shape on the GPU, float32.
+
+    One row per (module, shape, implementation): ``cell``, ``shape``, ``B``, ``T``, ``I``, ``H``,
+    ``impl`` ("cellgen cuda" or "torch LSTM (cuDNN)"...), ``best_ms``, ``median_ms`` and, for
+    torch with the same weights, ``max_abs_diff``. Raises CudaUnavailable without a GPU.
+    """
+    cuda = rtc.numba_cuda()
+    device = "simulator" if rtc.simulated() else cuda.get_current_device().name
+    device = device.decode() if isinstance(device, bytes) else str(device)
+    rows = []
+    for module in modules:
+        for label, (batch, steps, isize, units) in shapes:
+            params, call, forward = _cellgen_case(module, batch, steps, isize, units, seed=0)
+            base = {"cell": module.NAME, "shape": label, "B": batch, "T": steps, "I": isize, "H": units,
+                    "device": device}
+            times = _event_times(forward, repeat, warmup, cuda.event, lambda a, b: a.elapsed_time(b))
+            rows.append({**base, "impl": "cellgen cuda", **times})
+            if torch:
+                out = forward()[0].copy_to_host()
+                row = _torch_row(module, params, call, out, repeat, warmup)
+                if row is not None:
+                    rows.append({**base, **row})
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of :func:`bench_cuda`'s rows."""
+    lines = ["| cell | shape (B,T,I,H) | impl | best ms | median ms | max abs diff |", "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else ""
+        lines.append(f"| {r['cell']} | {r['shape']} ({r['B']},{r['T']},{r['I']},{r['H']}) | {r['impl']} | "
+                     f"{r['best_ms']:.3f} | {r['median_ms']:.3f} | {diff} |")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``cellgen bench --backend cuda SPEC...`` (called by :mod:`cellgen.bench`)."""
+    from cellgen.bench import load_module
+
+    shapes = args.shape or list(GPU_SHAPES.items())
+    modules = [load_module(spec) for spec in args.specs]
+    rows = bench_cuda(modules, shapes, args.repeat, args.warmup, torch=not args.no_torch)
+    print(f"device: {rows[0]['device'] if rows else 'none'}")
+    print(table(rows))
+    if getattr(args, "json", None):
+        Path(args.json).write_text(json.dumps({"backend": "cuda", "rows": rows}, indent=2))
+    return 0

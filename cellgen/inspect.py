@@ -1,0 +1,188 @@
+"""``cellgen inspect --cuda``: compile every generated CUDA kernel to PTX and link it to SASS, no GPU needed.
+
+numba-cuda's NVVM makes the PTX (``numba.cuda.compile_ptx``) and nvJitLink (from the
+``numba-cuda[cu13]`` wheels) links it for ``sm_80`` / ``sm_90``; its verbose log gives
+registers per thread, spill bytes and shared memory. The theoretical occupancy follows
+from those and the kernel's block size with each architecture's per-SM limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+#: Per-SM limits (CUDA C Programming Guide, "Compute Capabilities" table).
+ARCHS = {
+    "sm_80": {"cc": (8, 0), "threads": 2048, "blocks": 32, "registers": 65536, "smem": 167936},
+    "sm_90": {"cc": (9, 0), "threads": 2048, "blocks": 32, "registers": 65536, "smem": 233472},
+}
+REGISTER_UNIT = 256  # registers are allocated per warp in units of 256
+RESERVED_SMEM = 1024  # shared memory the driver reserves per block on sm_80 and later
+
+
+@dataclass(frozen=True)
+class KernelReport:
+    """One kernel compiled for one dtype and architecture."""
+
+    cell: str
+    kernel: str
+    dtype: str
+    arch: str
+    block: tuple[int, ...]
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack: int
+    smem: int  # static shared memory per block, bytes (the occupancy adds RESERVED_SMEM)
+    occupancy: float
+
+    @property
+    def spills(self) -> int:
+        return self.spill_stores + self.spill_loads
+
+
+def occupancy(arch: str, threads: int, registers: int, smem: int) -> float:
+    """Theoretical occupancy (resident warps / max warps per SM) of a block of ``threads``.
+
+    >>> occupancy("sm_90", 128, 32, 0)
+    1.0
+    >>> round(occupancy("sm_80", 256, 128, 0), 3)
+    0.25
+    """
+    limits = ARCHS[arch]
+    max_warps = limits["threads"] // 32
+    warps = -(-threads // 32)
+    per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    by_regs = (limits["registers"] // per_warp) // warps if per_warp else limits["blocks"]
+    by_smem = limits["smem"] // (smem + RESERVED_SMEM)
+    blocks = min(limits["blocks"], max_warps // warps, by_regs, by_smem)
+    return blocks * warps / max_warps
+
+
+def link_info(ptx: str, arch: str, name: str) -> dict[str, int]:
+    """Link PTX to SASS with nvJitLink; registers, spills and stack from its log, static shared memory
+    from the PTX's ``.shared`` declarations (the log's figure includes the reservation on some archs)."""
+    from cuda.bindings import nvjitlink
+
+    handle = nvjitlink.create(2, [f"-arch={arch}", "-verbose"])
+    try:
+        data = ptx.encode()
+        nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), name)
+        nvjitlink.complete(handle)
+        log = bytearray(nvjitlink.get_info_log_size(handle))
+        nvjitlink.get_info_log(handle, log)
+    finally:
+        nvjitlink.destroy(handle)
+    info = parse_log(log.decode(errors="replace"))
+    info["smem"] = sum(int(n) for n in re.findall(r"\.shared\s+\.align\s+\d+\s+\.b8\s+\S+\[(\d+)\]", ptx))
+    return info
+
+
+def parse_log(log: str) -> dict[str, int]:
+    """The numbers of one entry function in an nvJitLink/ptxas ``-verbose`` log."""
+
+    def grab(pattern: str) -> int:
+        found = re.search(pattern, log)
+        if found is None:
+            raise ValueError(f"nvJitLink log has no {pattern!r}:\n{log}")
+        return int(found.group(1))
+
+    return {
+        "registers": grab(r"[Uu]sed (\d+) registers"),
+        "stack": grab(r"(\d+) bytes stack frame"),
+        "spill_stores": grab(r"(\d+) bytes spill stores"),
+        "spill_loads": grab(r"(\d+) bytes spill loads"),
+    }
+
+
+def signature(kinds, dtype: str):
+    """Numba types of a kernel's arguments as the runtime passes them (C-contiguous arrays)."""
+    from numba import types
+
+    real = getattr(types, dtype)
+    table = {"int": types.int64, "real": real, "lengths": types.Array(types.int64, 1, "C")}
+    return tuple(table[k] if k in table else types.Array(real, int(k[-1]), "C") for _, k in kinds)
+
+
+def load_generated(spec_path: str | Path, workdir: Path) -> ModuleType:
+    """Generate the spec's module as it builds now (into ``workdir``) and import it."""
+    from cellgen.build import generate
+
+    name, text = generate(spec_path)
+    target = workdir / f"{name}.py"
+    target.write_text(text)
+    spec = importlib.util.spec_from_file_location(f"_cellgen_inspect_{name}", target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def inspect_module(module: ModuleType, archs: list[str], dtypes: list[str]) -> list[KernelReport]:
+    """Compile every CUDA kernel of a generated module for each dtype and architecture."""
+    import numpy as np
+    from numba import cuda
+
+    module.cuda = cuda  # what _cuda_kernels binds before jitting, without needing a GPU
+    reports = []
+    for dtype in dtypes:
+        for kernel, fn in module._CUDA_SOURCES[np.dtype(dtype)].items():
+            sig = signature(module._CUDA_ARGS[kernel], dtype)
+            block = tuple(module._CUDA_BLOCKS[kernel])
+            for arch in archs:
+                ptx, _ = cuda.compile_ptx(fn, sig, cc=ARCHS[arch]["cc"])
+                info = link_info(ptx, arch, kernel)
+                threads = int(np.prod(block))
+                reports.append(KernelReport(module.NAME, kernel, dtype, arch, block, info["registers"],
+                                            info["spill_stores"], info["spill_loads"], info["stack"], info["smem"],
+                                            occupancy(arch, threads, info["registers"], info["smem"])))
+    return reports
+
+
+def inspect_specs(paths: list[str | Path], archs: list[str], dtypes: list[str]) -> list[KernelReport]:
+    """:func:`inspect_module` for every spec file (or folder of specs)."""
+    from cellgen.build import spec_files
+
+    with tempfile.TemporaryDirectory(prefix="cellgen-inspect-") as tmp:
+        return [r for p in spec_files(list(paths)) for r in inspect_module(load_generated(p, Path(tmp)), archs, dtypes)]
+
+
+def table(reports: list[KernelReport]) -> str:
+    """A Markdown table, one row per kernel x dtype x arch."""
+    lines = ["| cell | kernel | dtype | arch | block | regs/thread | spill bytes (st/ld) | stack | smem/block "
+             "| occupancy |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in reports:
+        lines.append(f"| {r.cell} | {r.kernel} | {r.dtype} | {r.arch} | {'x'.join(map(str, r.block))} | "
+                     f"{r.registers} | {r.spill_stores}/{r.spill_loads} | {r.stack} | {r.smem} | {r.occupancy:.0%} |")
+    return "\n".join(lines)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    unknown = [a for a in archs if a not in ARCHS] + [d for d in dtypes if d not in ("float32", "float64")]
+    if unknown:
+        raise ValueError(f"unknown arch/dtype {', '.join(unknown)}; archs: {', '.join(ARCHS)}; "
+                         f"dtypes: float32, float64")
+    reports = inspect_specs(args.specs, archs, dtypes)
+    print(table(reports))
+    spilled = [r for r in reports if r.spills]
+    for r in spilled:
+        print(f"spill: {r.cell}.{r.kernel} {r.dtype} {r.arch}: {r.spills} bytes", file=sys.stderr)
+    return 1 if spilled else 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="compile the generated CUDA kernels to SASS: registers, spills, "
+                                              "shared memory, occupancy (no GPU needed)")
+    p.add_argument("specs", nargs="+")
+    p.add_argument("--cuda", action="store_true", default=True,
+                   help="inspect the CUDA kernels (the only target, so the default)")
+    p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated: sm_80, sm_90 (default both)")
+    p.add_argument("--dtype", default="float32", help="comma-separated: float32, float64 (default float32)")
+    p.set_defaults(fn=_cmd_inspect)

@@ -1,0 +1,202 @@
+"""backend="cuda" in numba's CUDA simulator == the CPU backend == the independent NumPy references.
+
+numba picks the simulator when ``numba.cuda`` is first imported, so these tests run only in a
+process started with ``NUMBA_ENABLE_CUDASIM=1``; ``test_cuda_backend.py`` starts one for the
+plain ``python -m pytest``. Shapes are small (the simulator runs a Python thread per CUDA
+thread) but cross every boundary: B and H not multiples of the 32x4 block, several blocks and
+K tiles, ragged lengths with zeros, random initial states, float32 and float64.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from references import STEPS, bidirectional_dynamic_rnn, dynamic_rnn, multi_rnn, random_params, state_sizes
+
+from cellgen.build import build
+from cellgen.stack import multi_rnn as cellgen_multi_rnn
+
+pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
+                                reason="simulator tests: test_cuda_backend.py runs them with NUMBA_ENABLE_CUDASIM=1")
+
+SPECS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "specs").glob("*.py"))
+TOL = {np.float32: 1e-5, np.float64: 1e-10}
+LSTM_HYPER = {"forget_bias": 0.7, "cell_clip": 0.6, "proj_clip": 0.4}
+
+
+def _module(name: str):
+    return importlib.import_module(f"generated.{name}")
+
+
+def _case(name: str, dtype, batch: int, steps: int, isize: int, units: int, proj: int, seed: int = 0):
+    """Parameters, batch-major inputs, a random initial state and ragged lengths (some zero)."""
+    rng = np.random.default_rng(seed)
+    num_proj = proj if name == "lstm" else None
+    params = random_params(name, isize, units, rng, dtype, num_proj=num_proj)
+    inputs = rng.standard_normal((batch, steps, isize)).astype(dtype)
+    state = tuple(rng.standard_normal((batch, n)).astype(dtype) for n in state_sizes(name, units, isize, num_proj))
+    lengths = rng.integers(0, steps + 1, size=batch)
+    lengths[0], lengths[-1] = steps, 0
+    return params, inputs, state, lengths
+
+
+def _close(got, want, dtype) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def _check(name, dtype, batch, steps, isize, units, proj) -> None:
+    params, inputs, state, lengths = _case(name, dtype, batch, steps, isize, units, proj)
+    hyper = LSTM_HYPER if name == "lstm" else {}
+    mod = _module(name)
+    out_gpu, st_gpu = mod.dynamic_rnn(params, inputs, sequence_length=lengths, initial_state=state,
+                                      backend="cuda", **hyper)
+    out_cpu, st_cpu = mod.dynamic_rnn(params, inputs, sequence_length=lengths, initial_state=state, **hyper)
+    out_ref, st_ref = dynamic_rnn(name, params, inputs, lengths, state, **hyper)
+    _close(out_gpu, out_cpu, dtype)
+    _close(out_gpu, out_ref, dtype)
+    for got, cpu, ref in zip(st_gpu, st_cpu, st_ref, strict=True):
+        _close(got, cpu, dtype)
+        _close(got, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", SPECS)
+def test_every_spec_matches_cpu_and_reference(name: str, dtype) -> None:
+    assert name in STEPS
+    _check(name, dtype, batch=5, steps=4, isize=3, units=7, proj=6)
+
+
+@pytest.mark.parametrize(("name", "batch", "steps"), [("lstm", 5, 3), ("gru", 5, 3), ("qrnn", 9, 8)])
+def test_several_blocks_and_tiles(name: str, batch: int, steps: int) -> None:
+    # input 20 > a 16-wide K tile, 37 units > one 32-unit block and one 32-row K tile, 5 and 9 rows >
+    # one 4-row block; qrnn's 8 * 9 = 72 rows > one 64-row tile of the hoisted GEMM.
+    _check(name, np.float32, batch=batch, steps=steps, isize=20, units=37, proj=33)
+
+
+@pytest.mark.parametrize(("name", "time_major"), [("gru", False), ("qrnn", True), ("basic_lstm", False)])
+def test_bidirectional(name: str, time_major: bool) -> None:
+    dtype = np.float64
+    params_fw, inputs, state, lengths = _case(name, dtype, 4, 5, 3, 6, 5, seed=1)
+    params_bw = random_params(name, 3, 6, np.random.default_rng(2), dtype)
+    if time_major:
+        inputs = np.ascontiguousarray(inputs.transpose(1, 0, 2))
+    mod = _module(name)
+    (fw, bw), (sfw, sbw) = mod.bidirectional_dynamic_rnn(params_fw, params_bw, inputs, sequence_length=lengths,
+                                                         initial_state_fw=state, time_major=time_major,
+                                                         backend="cuda")
+    (rfw, rbw), (rsfw, rsbw) = bidirectional_dynamic_rnn(name, params_fw, params_bw, inputs, lengths, state,
+                                                         time_major=time_major)
+    _close(fw, rfw, dtype)
+    _close(bw, rbw, dtype)
+    for got, want in zip((*sfw, *sbw), (*rsfw, *rsbw), strict=True):
+        _close(got, want, dtype)
+
+
+def test_multi_rnn() -> None:
+    dtype = np.float32
+    rng = np.random.default_rng(3)
+    lstm = random_params("lstm", 3, 7, rng, dtype, num_proj=5)
+    gru = random_params("gru", 5, 6, rng, dtype)
+    qrnn = random_params("qrnn_f", 6, 4, rng, dtype)
+    inputs = rng.standard_normal((3, 5, 3)).astype(dtype)
+    lengths = np.array([5, 2, 0])
+    layers = [(_module("lstm"), lstm, LSTM_HYPER), (_module("gru"), gru), (_module("qrnn_f"), qrnn)]
+    out, states = cellgen_multi_rnn(layers, inputs, sequence_length=lengths, backend="cuda")
+    ref_out, ref_states = multi_rnn([("lstm", lstm, LSTM_HYPER), ("gru", gru, {}), ("qrnn_f", qrnn, {})], inputs,
+                                    lengths)
+    _close(out, ref_out, dtype)
+    for got, want in zip(states, ref_states, strict=True):
+        for a, b in zip(got, want, strict=True):
+            _close(a, b, dtype)
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+def test_device_arrays_in_and_out(time_major: bool) -> None:
+    from numba import cuda
+
+    dtype = np.float32
+    params, inputs, state, lengths = _case("qrnn", dtype, 5, 4, 3, 7, 6)
+    if time_major:
+        inputs = np.ascontiguousarray(inputs.transpose(1, 0, 2))
+    mod = _module("qrnn")
+    host_out, host_state = mod.dynamic_rnn(params, inputs, sequence_length=lengths, initial_state=state,
+                                           time_major=time_major, backend="cuda")
+    dev_state = tuple(cuda.to_device(s) for s in state)
+    out, final = mod.dynamic_rnn({k: cuda.to_device(v) for k, v in params.items()}, cuda.to_device(inputs),
+                                 sequence_length=cuda.to_device(lengths), initial_state=dev_state,
+                                 time_major=time_major, backend="cuda")
+    assert cuda.devicearray.is_cuda_ndarray(out)
+    assert all(cuda.devicearray.is_cuda_ndarray(s) for s in final)
+    _close(out.copy_to_host(), host_out, dtype)
+    for got, want in zip(final, host_state, strict=True):
+        _close(got.copy_to_host(), want, dtype)
+    for dev, initial in zip(dev_state, state, strict=True):  # the caller's state is not overwritten
+        np.testing.assert_array_equal(dev.copy_to_host(), initial)
+
+
+MIXED_SPEC = '''"""A cell no shipped spec resembles: a stage-0 operand buffer (c * c), two gate sizes in one GEMM."""
+
+from cellgen.dsl import Cell, sigmoid, tanh
+
+cell = Cell("mixed", doc=__doc__)
+num_proj = cell.size("num_proj")
+x = cell.input()
+c = cell.state("c")
+h = cell.state("h", size=num_proj)
+a = cell.linear([x, c * c], gates=("a",), kernel="a/kernel", bias="a/bias")
+p = cell.linear([h], gates=("p",), kernel="p/kernel", bias=None, size=num_proj)
+cell.update(c, tanh(a) + 0.5 * c)
+cell.update(h, sigmoid(p) * h + 0.1 * tanh(p))
+cell.output(tanh(p))
+'''
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unfused_fallback_kernels(tmp_path: Path, dtype) -> None:
+    """Epilogue 0 and an unfusable stage run as elementwise kernels and agree with the module's unfused
+    NumPy backend (the CPU backend is left out: compiling it here would double the test's time)."""
+    spec = tmp_path / "mixed.py"
+    spec.write_text(MIXED_SPEC)
+    (result,) = build([spec], tmp_path / "out")
+    loader = importlib.util.spec_from_file_location("mixed_generated", result.target)
+    mod = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(mod)
+    assert set(mod._CUDA_SOURCES[np.dtype(dtype)]) == {"hoisted", "epilogue0", "stage0", "epilogue1"}
+    rng = np.random.default_rng(4)
+    params = mod.init_params(3, 7, num_proj=5, dtype=dtype, seed=0)
+    inputs = rng.standard_normal((5, 4, 3)).astype(dtype)
+    state = mod.State(rng.standard_normal((5, 7)).astype(dtype), rng.standard_normal((5, 5)).astype(dtype))
+    lengths = [4, 0, 2, 3, 1]
+    got = mod.dynamic_rnn(params, inputs, sequence_length=lengths, initial_state=state, backend="cuda")
+    want = mod.dynamic_rnn(params, inputs, sequence_length=lengths, initial_state=state, backend="reference")
+    _close(got[0], want[0], dtype)
+    for a, b in zip(got[1], want[1], strict=True):
+        _close(a, b, dtype)
+
+
+def test_bench_cuda_runs_as_written() -> None:
+    """The GPU benchmark's code path (the simulator records no time: only the rows are checked)."""
+    from cellgen.bench_cuda import bench_cuda
+
+    rows = bench_cuda([_module("lstm"), _module("qrnn")], [("tiny", (2, 2, 3, 4))], repeat=1, warmup=0)
+    assert [(r["cell"], r["impl"]) for r in rows] == [("lstm", "cellgen cuda"), ("qrnn", "cellgen cuda")]
+    assert all(r["device"] == "simulator" and {"best_ms", "median_ms"} <= set(r) for r in rows)
+
+
+@pytest.mark.parametrize(("name", "batch", "steps"), [("lstm", 0, 3), ("lstm", 2, 0), ("qrnn", 0, 3), ("qrnn", 2, 0)])
+def test_empty_batch_or_time(name: str, batch: int, steps: int) -> None:
+    params, inputs, state, _ = _case(name, np.float64, max(batch, 1), max(steps, 1), 3, 4, 3)
+    inputs = inputs[:batch, :steps]
+    state = tuple(s[:batch] for s in state)
+    hyper = LSTM_HYPER if name == "lstm" else {}
+    out, final = _module(name).dynamic_rnn(params, inputs, initial_state=state, backend="cuda", **hyper)
+    ref_out, ref_final = dynamic_rnn(name, params, inputs, None, state, **hyper)
+    _close(out, ref_out, np.float64)
+    for got, want in zip(final, ref_final, strict=True):
+        _close(got, want, np.float64)
