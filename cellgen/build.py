@@ -20,7 +20,8 @@ from cellgen.spec import CellSpec, load_spec
 REPO = Path(__file__).resolve().parent.parent
 GENERATED = REPO / "generated"
 #: The compiler's own stages: their source is part of every generated module's key.
-COMPILER_MODULES = ("dsl", "spec", "analysis", "plan", "passes", "printing", "render", "build")
+COMPILER_MODULES = ("dsl", "spec", "analysis", "plan", "passes", "printing", "render", "render_cuda", "build",
+                    "runtime/gemm")
 
 
 @dataclass(frozen=True)

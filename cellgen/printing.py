@@ -6,6 +6,9 @@
   float32 work float64), and ``Indexed`` reads as ``array[b, col]``.
 * :class:`IndexPrinter` prints integer index and size arithmetic.
 * :class:`NumPyVectorPrinter` prints whole-batch expressions for the reference backend.
+* :func:`rational_tanh` is the float32 kernels' tanh as SymPy assignments, printed into a
+  helper (``fast_tanh``) by the same printer: no SVML here, so ``math.tanh`` is a scalar
+  libm call that stops the epilogue loops from vectorizing.
 """
 
 from __future__ import annotations
@@ -34,23 +37,54 @@ def print_index(expr: sympy.Expr) -> str:
     return IndexPrinter().doprint(sympy.sympify(expr))
 
 
+#: Eigen's float32 tanh: x*P(x^2)/Q(x^2) on x clamped to +-TANH_CLAMP, where float32 tanh is 1.
+#: Max error 3.4e-7 against float64 tanh (tests/test_fastmath.py checks it and the end-to-end bound).
+TANH_CLAMP = 7.99881172180175781
+TANH_P = (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
+          -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16)
+TANH_Q = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
+
+
+def _horner(coefficients: tuple[float, ...], v: sympy.Symbol) -> sympy.Expr:
+    expr: sympy.Expr = sympy.Float(coefficients[-1])
+    for c in reversed(coefficients[:-1]):
+        expr = expr * v + sympy.Float(c)
+    return expr
+
+
+def rational_tanh(x: sympy.Symbol) -> tuple[list[tuple[sympy.Symbol, sympy.Expr]], sympy.Expr]:
+    """tanh(x) as assignments (clamp, square) and a result: a rational polynomial, no exp, no branch.
+
+    >>> steps, result = rational_tanh(sympy.Symbol("x"))
+    >>> [str(s) for s, _ in steps]
+    ['x', 'x2']
+    """
+    x2 = sympy.Symbol(f"{x.name}2")
+    steps = [(x, sympy.Min(sympy.Max(x, -TANH_CLAMP), TANH_CLAMP)), (x2, x * x)]
+    return steps, x * _horner(TANH_P, x2) / _horner(TANH_Q, x2)
+
+
 class NumbaPrinter(PythonCodePrinter):
     """Scalar kernel code for Numba (CPU ``@njit`` and ``@cuda.jit``).
 
     ``batched`` names the arrays indexed ``[row, col]``; ``row`` is the batch-row
-    variable; the rest of ``Indexed`` reads are per-unit ``[col]``. ``fast_tanh``
+    variable (``rows`` overrides it per array, e.g. ``{"out": "b, t"}`` for a 3-D
+    output indexed directly, which keeps its loops contiguous and vectorizable); the rest
+    of ``Indexed`` reads are per-unit ``[col]``. ``fast_tanh``
     names a helper to call instead of ``math.tanh`` (None: ``math.tanh``).
     """
 
     printmethod = "_numbacode"
 
     def __init__(self, dtype: str = "float64", batched: tuple[str, ...] = (), row: str = "b",
-                 fast_tanh: str | None = None, arrays: dict[str, str] | None = None) -> None:
+                 fast_tanh: str | None = None, arrays: dict[str, str] | None = None,
+                 rows: dict[str, str] | None = None) -> None:
         super().__init__({"fully_qualified_modules": False, "standard": "python3"})
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.dtype, self.batched, self.row, self.fast_tanh = dtype, set(batched), row, fast_tanh
         self.arrays = arrays or {}
+        self.rows = rows or {}
 
     # -- literals ----------------------------------------------------------------------
     def _literal(self, value: float) -> str:
@@ -79,7 +113,7 @@ class NumbaPrinter(PythonCodePrinter):
         name = self.arrays.get(str(expr.base), str(expr.base))
         index = print_index(expr.indices[0])
         if str(expr.base) in self.batched:
-            return f"{name}[{self.row}, {index}]"
+            return f"{name}[{self.rows.get(str(expr.base), self.row)}, {index}]"
         return f"{name}[{index}]"
 
     # -- arithmetic --------------------------------------------------------------------

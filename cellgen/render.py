@@ -8,6 +8,7 @@ in ``templates/``.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,15 @@ from cellgen import __version__
 from cellgen.analysis import linear_order
 from cellgen.dsl import INPUT_SIZE, NUM_UNITS
 from cellgen.plan import OUT, PRE, X, FusedPlan, Loop, param_array, state_array
-from cellgen.printing import DTYPES, NumbaPrinter, NumPyVectorPrinter, print_index
+from cellgen.printing import DTYPES, NumbaPrinter, NumPyVectorPrinter, print_index, rational_tanh
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 #: Per-step views the kernels index instead of the [T, ...] arrays.
 STEP_VIEWS = {PRE: "pre_t", X: "x_t", OUT: "out_t"}
+#: The CPU kernels write the batch-major output [B, T, out] directly: ``out[b, t, j]``
+#: (a per-step view ``out[:, t]`` would have a non-contiguous type and not vectorize).
+CPU_ARRAYS = {PRE: "pre_t", X: "x_t"}
+CPU_ROWS = {OUT: "b, t"}
 
 
 def environment() -> jinja2.Environment:
@@ -55,10 +60,11 @@ class KernelPrinter:
     """Prints one plan's epilogue loops for one dtype, as the CPU/GPU templates need them."""
 
     def __init__(self, plan: FusedPlan, dtype: str, fast_tanh: str | None = None,
-                 arrays: dict[str, str] | None = None, row: str = "b") -> None:
+                 arrays: dict[str, str] | None = None, row: str = "b",
+                 rows: dict[str, str] | None = None) -> None:
         self.plan = plan
         self.printer = NumbaPrinter(dtype, plan.batched_arrays, row=row, fast_tanh=fast_tanh,
-                                    arrays=STEP_VIEWS if arrays is None else arrays)
+                                    arrays=STEP_VIEWS if arrays is None else arrays, rows=rows)
 
     def loop(self, loop: Loop) -> LoopText:
         p = self.printer
@@ -82,10 +88,10 @@ class KernelPrinter:
 
 
 def _take_sizes(names: list[str]) -> str:
-    """``num_proj, = _rt.take_sizes(sizes, ("num_proj",))``: keyword sizes, checked."""
+    """``num_proj, = _rt.take_sizes(sizes, ("num_proj",), SIZES)``: keyword sizes, checked."""
     if not names:
-        return "_rt.take_sizes(sizes, ())"
-    return f"{', '.join(names)}, = _rt.take_sizes(sizes, ({''.join(repr(n) + ', ' for n in names)}))"
+        return "_rt.take_sizes(sizes, (), SIZES)"
+    return f"{', '.join(names)}, = _rt.take_sizes(sizes, ({''.join(repr(n) + ', ' for n in names)}), SIZES)"
 
 
 def _needed(exprs, spec) -> list[str]:
@@ -167,7 +173,7 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
     if plan.uses_x_prev:
         args.append(("x0", "x0"))
     args.append(("lengths", "lengths"))
-    args += [(f"w_rec{g.stage}", f"recurrent[{g.stage}]") for g in plan.gemms]
+    args += [(f"w_rec{g.stage}", f"w_rec[{g.stage}]") for g in plan.gemms]  # packed panels
     args += [(param_array(n), f"params[{n!r}]") for n in (*plan.unit_params, *plan.epilogue_biases)]
     args += [(h.name, f"dtype.type(hyper[{h.name!r}])") for h in spec.hypers]
     args += [(str(s), f"sizes[{str(s)!r}]") for s in spec.all_sizes]
@@ -184,17 +190,22 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
         views.append("x_t = xs[t]")
     if plan.uses_x_prev:
         views.append("x_prev = x0 if t == 0 else xs[t - 1]")
-    views.append("out_t = out[t]")
 
     buffers = []
-    for g in plan.gemms:
-        buffers.append({"name": g.result, "width": print_index(g.width)})
+    for g in plan.gemms:  # a GEMM result spans whole packed panels
+        buffers.append({"name": g.result, "width": f"w_rec{g.stage}.shape[0] * w_rec{g.stage}.shape[2]"})
         if g.operand_buffer is not None:
             buffers.append({"name": g.operand_buffer, "width": print_index(g.rows)})
 
+    # every name a helper may need: kernel arguments, step buffers, per-step views
+    view_names = [v.split(" = ")[0] for v in views]
+    names_in_kernel = [a for a, _ in args] + [b["name"] for b in buffers] + [
+        f"{state_array(n)}_new" for n in plan.double_buffered] + view_names
     kernels = []
     for dtype in DTYPES:
-        kp = KernelPrinter(plan, dtype)
+        tanh = _tanh_helper(dtype)
+        kp = KernelPrinter(plan, dtype, fast_tanh=tanh["name"] if tanh else None,
+                           arrays=CPU_ARRAYS, rows=CPU_ROWS)
         schedule = []
         for kind, index in plan.schedule():
             if kind == "gemm":
@@ -204,10 +215,17 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
             else:
                 epi = next(e for e in plan.epilogues if e.index == index)
                 masked = [m for m in (kp.masked_loop(loop) for loop in epi.loops) if m is not None]
-                schedule.append({"kind": "epilogue", "loops": [kp.loop(loop) for loop in epi.loops],
-                                 "masked_loops": masked})
+                loops = [kp.loop(loop) for loop in epi.loops]
+                text = "\n".join(f"{lp.domain}\n{lp.body}" for lp in (*loops, *masked))
+                schedule.append({"kind": "epilogue", "loops": loops, "masked_loops": masked,
+                                 "helper": f"_epilogue{index}_{dtype}",
+                                 "params": _used(["t", "lengths", *names_in_kernel], text + "\nt lengths")})
         loops = [kp.loop(loop) for e in plan.epilogues for loop in e.loops]
-        kernels.append({"dtype": dtype, "np_dtype": DTYPES[dtype], "schedule": schedule, "loops": loops})
+        scan_text = "\n".join([*views, *(f"{lp.domain}\n{lp.body}" for lp in loops)])
+        kernels.append({"dtype": dtype, "np_dtype": DTYPES[dtype], "schedule": schedule, "loops": loops,
+                        "tanh": tanh, "scan": f"_scan_{dtype}",
+                        "scan_params": _used(["T", "lengths", *(n for n in names_in_kernel if n not in view_names)],
+                                             scan_text + "\nT lengths")})
 
     delay_index = None
     if plan.delay_states:
@@ -219,7 +237,34 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
         "states": states, "step_views": "\n".join(views), "batch_outer": batch_outer,
         "parallel": batch_outer, "delay_index": delay_index,
         "output_size": print_index(plan.output_size),
+        # multiply-adds per step (a scan runs once per call: its work is T steps of units)
+        "step_work": print_index(sum((g.rows * g.width for g in plan.gemms), sympy.Integer(0)))
+        if plan.gemms else f"T * {print_index(plan.output_size)}",
     }
+
+
+def _used(candidates: list[str], text: str) -> list[str]:
+    """The candidate names ``text`` mentions, in candidate order, each once: a helper's parameters."""
+    seen: list[str] = []
+    for name in candidates:
+        if name not in seen and re.search(rf"\b{re.escape(name)}\b", text):
+            seen.append(name)
+    return seen
+
+
+#: dtypes whose kernels call the rational tanh (float64 keeps libm's math.tanh).
+FAST_TANH_DTYPES = ("float32",)
+
+
+def _tanh_helper(dtype: str) -> dict[str, Any] | None:
+    """The ``fast_tanh`` helper of a dtype's kernels, printed from :func:`rational_tanh`."""
+    if dtype not in FAST_TANH_DTYPES:
+        return None
+    x = sympy.Symbol("x", real=True)
+    steps, result = rational_tanh(x)
+    p = NumbaPrinter(dtype)
+    return {"name": f"_tanh_{dtype}", "arg": p.doprint(x),
+            "lines": [f"{p.doprint(s)} = {p.doprint(e)}" for s, e in steps], "result": p.doprint(result)}
 
 
 def _state_names(spec) -> tuple[str, ...]:
@@ -234,6 +279,8 @@ def _blocks(blocks) -> list[dict[str, str]]:
 
 def context(plan: FusedPlan, spec_path: str, key: str) -> dict[str, Any]:
     """Everything ``templates/module.py.j2`` needs, as plain strings and ints."""
+    from cellgen.render_cuda import cuda_context  # render_cuda builds on this module
+
     spec = plan.spec
     hoisted = None
     if plan.hoisted is not None:
@@ -263,6 +310,7 @@ def context(plan: FusedPlan, spec_path: str, key: str) -> dict[str, Any]:
         "input_name": spec.input.name,
         "hoisted": hoisted, "gemms": gemms,
         "cpu": _cpu(plan),
+        "cuda": cuda_context(plan),
         **_reference(plan),
     }
 

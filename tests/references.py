@@ -427,10 +427,7 @@ def dynamic_rnn(
     dt = x_bm.dtype
     num_units, num_proj = _infer_sizes(name, params, input_size)
     sizes = state_sizes(name, num_units, input_size, num_proj)
-    if initial_state is None:
-        state = _zero_state(sizes, batch, dt)
-    else:
-        state = _cast_state(initial_state, sizes, batch, dt)
+    state = _zero_state(sizes, batch, dt) if initial_state is None else _cast_state(initial_state, sizes, batch, dt)
     lengths = _lengths(sequence_length, batch, steps)
     step_fn = STEPS[name]
 

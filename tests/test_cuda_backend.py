@@ -2,7 +2,7 @@
 
 * facts: which GEMMs fuse their epilogue, gate interleaving, GPU double-buffering;
 * compilation: every shipped spec's kernels through NVVM + nvJitLink, 0 spill bytes;
-* numbers: ``test_cuda_sim.py`` in a fresh process with ``NUMBA_ENABLE_CUDASIM=1`` (numba
+* numbers: ``cuda_sim_cases.py`` in a fresh process with ``NUMBA_ENABLE_CUDASIM=1`` (numba
   chooses the simulator when numba.cuda is first imported, so it cannot share this process).
 """
 
@@ -123,10 +123,10 @@ def test_every_spec_compiles_to_sass_for_sm80_and_sm90_without_spills() -> None:
 
 
 # -- numbers, in the simulator ---------------------------------------------------------------------
-@pytest.mark.skipif(SIMULATED, reason="this process is the simulator: pytest runs test_cuda_sim.py directly")
+@pytest.mark.skipif(SIMULATED, reason="this process is already the simulator")
 def test_simulator_suite() -> None:
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda_sim.py"],
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/cuda_sim_cases.py"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-5000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]

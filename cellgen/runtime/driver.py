@@ -50,7 +50,7 @@ def prepare(cell: CellInfo, params, inputs, sequence_length, initial_state, time
     max_time, batch, input_size = xs.shape
     sizes = cell.infer_sizes(params, input_size)
     extra = {k: v for k, v in sizes.items() if k not in ("input_size", "num_units")}
-    checked = check_params(params, cell.param_shapes(input_size, sizes["num_units"], **extra), xs.dtype)
+    checked = check_params(params, cell.param_shapes(input_size, sizes["num_units"], **extra), xs.dtype, sizes)
     lengths = checks.sequence_lengths(sequence_length, batch, max_time)
     state_sizes = cell.state_size(sizes["num_units"], input_size=input_size, **extra)
     states = checks.initial_states(initial_state, cell.state, state_sizes, batch, xs.dtype, argument)
@@ -109,6 +109,11 @@ def _extra(sizes: dict[str, int]) -> dict[str, int]:
 def dynamic_rnn(cell: CellInfo, params, inputs, *, sequence_length=None, initial_state=None, time_major=False,
                 backend="cpu", hyper=None):
     """TF 1.x ``dynamic_rnn``: outputs zero past each length, states copied through."""
+    if backend == "cuda":  # device arrays in and out: cellgen.runtime.cuda
+        from cellgen.runtime import cuda
+
+        return cuda.dynamic_rnn(cell, params, inputs, sequence_length=sequence_length, initial_state=initial_state,
+                                time_major=time_major, hyper=hyper)
     call = prepare(cell, params, inputs, sequence_length, initial_state, time_major, hyper or {})
     out, states = run(cell, call, backend)
     if not time_major:
@@ -141,6 +146,12 @@ def bidirectional_dynamic_rnn(cell: CellInfo, params_fw, params_bw, inputs, *, s
                               hyper=None):
     """TF 1.x ``bidirectional_dynamic_rnn``: the backward pass sees each sequence reversed in its length."""
     hyper = hyper or {}
+    if backend == "cuda":  # device arrays in and out: cellgen.runtime.cuda
+        from cellgen.runtime import cuda
+
+        return cuda.bidirectional_dynamic_rnn(cell, params_fw, params_bw, inputs, sequence_length=sequence_length,
+                                              initial_state_fw=initial_state_fw, initial_state_bw=initial_state_bw,
+                                              time_major=time_major, hyper=hyper)
     fw = prepare(cell, params_fw, inputs, sequence_length, initial_state_fw, time_major, hyper, "initial_state_fw")
     bw = prepare(cell, params_bw, inputs, sequence_length, initial_state_bw, time_major, hyper, "initial_state_bw")
     bw.xs = reverse_sequence(bw.xs, bw.lengths)

@@ -7,12 +7,13 @@ from collections.abc import Mapping
 import numpy as np
 
 
-def take_sizes(sizes: Mapping[str, int], names: tuple[str, ...]) -> tuple[int, ...]:
-    """The keyword sizes a cell needs (``num_proj=...``), each a positive int.
+def take_sizes(sizes: Mapping[str, int], names: tuple[str, ...], known: tuple[str, ...] = ()) -> tuple[int, ...]:
+    """The keyword sizes a function needs (``num_proj=...``), each a non-negative int.
 
-    ``input_size`` may be given where it is not needed; any other unknown size is an error.
+    ``input_size`` and the cell's other sizes (``known``) may be given where they are not
+    needed; any other size name is an error.
     """
-    unknown = sorted(set(sizes) - set(names) - {"input_size"})
+    unknown = sorted(set(sizes) - set(names) - set(known) - {"input_size"})
     if unknown:
         expected = ", ".join(names) if names else "no extra sizes"
         raise ValueError(f"unknown size argument(s) {', '.join(unknown)}; this cell takes {expected}")

@@ -1,17 +1,18 @@
 """backend="cuda" in numba's CUDA simulator == the CPU backend == the independent NumPy references.
 
-numba picks the simulator when ``numba.cuda`` is first imported, so these tests run only in a
-process started with ``NUMBA_ENABLE_CUDASIM=1``; ``test_cuda_backend.py`` starts one for the
-plain ``python -m pytest``. Shapes are small (the simulator runs a Python thread per CUDA
-thread) but cross every boundary: B and H not multiples of the 32x4 block, several blocks and
-K tiles, ragged lengths with zeros, random initial states, float32 and float64.
+numba picks the simulator when ``numba.cuda`` is first imported, so these cases run in a
+process of their own: ``test_cuda_backend.py`` starts ``python -m pytest tests/cuda_sim_cases.py``
+with ``NUMBA_ENABLE_CUDASIM=1`` (pytest does not collect this file by itself). On a machine with
+a GPU, run the same file without the variable to check the real device. Shapes are small (the
+simulator runs a Python thread per CUDA thread) but cross every boundary: B and H not
+multiples of the 32x4 block, several blocks and K tiles, ragged lengths with zeros, random
+initial states, float32 and float64.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,6 @@ from references import STEPS, bidirectional_dynamic_rnn, dynamic_rnn, multi_rnn,
 
 from cellgen.build import build
 from cellgen.stack import multi_rnn as cellgen_multi_rnn
-
-pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") != "1",
-                                reason="simulator tests: test_cuda_backend.py runs them with NUMBA_ENABLE_CUDASIM=1")
 
 SPECS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "specs").glob("*.py"))
 TOL = {np.float32: 1e-5, np.float64: 1e-10}

@@ -1,0 +1,367 @@
+"""`cellgen bench SPEC...`: time forward ``dynamic_rnn`` against its GEMM floors, NumPy and torch.
+
+For each spec and shape, in one process, on the same float32 inputs and after warm-up:
+
+* ``cellgen``        the generated backend (``--backend cpu``; ``cuda`` is delegated to
+                     :mod:`cellgen.bench_cuda`);
+* ``kernel floor``   only the plan's matrix products, through cellgen's packed GEMM;
+* ``BLAS floor``     only the plan's matrix products, through BLAS (the issue's GEMM floor);
+* ``reference``      the NumPy reference backend;
+* ``torch``          ``torch.nn.LSTM``/``GRU`` with the same weights, timed in a process of
+                     its own (:mod:`cellgen.bench_torch`) with the same thread count.
+
+Each implementation is timed in a block of its own after a short pause (BLAS thread pools
+keep spinning after a call and would steal the cores from the next one); best and median
+are reported, so compare ratios from one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+#: The issue's shapes: (B, T, I, H).
+SHAPES = {"S1": (64, 100, 256, 256), "S2": (16, 200, 512, 512), "S3": (1, 1000, 128, 128),
+          "S4": (256, 50, 128, 128)}
+IMPLS = ("cellgen", "kernel floor", "BLAS floor", "reference", "torch")
+
+
+@dataclass
+class Result:
+    spec: str
+    shape: str
+    sizes: tuple[int, int, int, int]
+    times: dict[str, dict[str, float]] = field(default_factory=dict)  # impl -> best/median seconds
+    notes: dict[str, object] = field(default_factory=dict)
+
+    def ratio(self, a: str, b: str, key: str = "best") -> float | None:
+        if a in self.times and b in self.times:
+            return self.times[a][key] / self.times[b][key]
+        return None
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total: int, width: int = 30) -> None:
+        self.total, self.done, self.width = max(total, 1), 0, width
+        self.tty = sys.stderr.isatty()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        filled = self.width * self.done // self.total
+        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {label}"
+        if self.tty:
+            print(f"\r{line:<100}", end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr)
+
+
+# -- environment -----------------------------------------------------------------------------------
+def environment() -> dict[str, object]:
+    """Thread counts, threading layer, BLAS libraries (and the kernel each runs), CPU vector width."""
+    import numba
+    from threadpoolctl import threadpool_info
+
+    from cellgen.runtime import gemm
+
+    blas = [{k: lib.get(k) for k in ("internal_api", "version", "architecture", "num_threads", "threading_layer")}
+            | {"library": Path(lib["filepath"]).name} for lib in threadpool_info()]
+    try:
+        layer = numba.threading_layer()
+    except ValueError:
+        layer = "(not started)"
+    env = {k: os.environ[k] for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                      "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "NUMBA_THREADING_LAYER")
+           if k in os.environ}
+    return {"numba": numba.__version__, "numpy": np.__version__, "numba_threads": numba.get_num_threads(),
+            "threading_layer": layer, "cpu_count": os.cpu_count(), "gemm_lanes_float32": gemm.LANES32,
+            "blas": blas, "env": env}
+
+
+# -- timing ----------------------------------------------------------------------------------------
+def timed_blocks(fns: dict[str, Callable[[], object]], repeat: int, warmup: int,
+                 limits: dict[str, int] | None = None, pause: float = 0.3) -> dict[str, dict[str, float]]:
+    """Each callable in a block of its own (warm-up, then ``repeat`` timed calls); best and median s.
+
+    Blocks, not round-robin: a BLAS call leaves OpenBLAS's threads spinning for a while after
+    it returns, and they would steal the cores from the next implementation's threads. The
+    ``pause`` between blocks lets them go to sleep.
+    """
+    limits = limits or {}
+    out = {}
+    for name, fn in fns.items():
+        time.sleep(pause)
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(limits.get(name, repeat)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        out[name] = {"best": min(times), "median": float(np.median(times))}
+    return out
+
+
+def load_module(spec_path: str):
+    """Build (if stale) and import a spec's generated module."""
+    from cellgen.build import GENERATED, build
+
+    (result,) = build([spec_path])
+    if str(GENERATED.parent) not in sys.path:
+        sys.path.insert(0, str(GENERATED.parent))
+    return importlib.import_module(f"generated.{result.target.stem}")
+
+
+def _torch_times(module, params, inputs, expected, num_units: int, args) -> dict[str, object] | None:
+    """torch.nn.LSTM/GRU for the specs it implements, in a subprocess; None if unavailable."""
+    from cellgen.bench_torch import TORCH_CELLS
+
+    kind = TORCH_CELLS.get(module.NAME)
+    if kind is None or args.no_torch:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Path(tmp) / "job.npz"
+        np.savez(job, kind=kind, threads=args.threads, repeat=args.repeat, warmup=args.warmup, inputs=inputs,
+                 expected=expected, num_units=num_units, forget_bias=module.HYPER.get("forget_bias", 0.0),
+                 **{f"param:{k}": v for k, v in params.items()})
+        proc = subprocess.run([sys.executable, "-m", "cellgen.bench_torch", str(job)], capture_output=True,
+                              text=True, env=_child_env(args.threads))
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["torch worker failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                      env.get("PYTHONPATH")]))
+    return env
+
+
+def bench_one(spec_path: str, label: str, shape: tuple[int, int, int, int], args, progress: Progress) -> Result:
+    """Every implementation on one spec and shape."""
+    from cellgen.bench_floor import blas_floor, kernel_floor, products
+    from cellgen.build import compile_spec
+
+    module = load_module(spec_path)
+    _, plan = compile_spec(spec_path)
+    batch, max_time, input_size, num_units = shape
+    extra = {s: num_units for s in module.SIZES}
+    params = module.init_params(input_size, num_units, dtype=np.float32, seed=0, **extra)
+    inputs = np.random.default_rng(1).standard_normal((batch, max_time, input_size)).astype(np.float32)
+    result = Result(module.NAME, label, shape)
+
+    start = time.perf_counter()
+    expected, _ = module.dynamic_rnn(params, inputs)
+    result.notes["first_call_s"] = time.perf_counter() - start
+    sizes = {"input_size": input_size, "num_units": num_units, **extra}
+    prods = products(plan, batch, max_time, sizes)
+    fns = {"cellgen": lambda: module.dynamic_rnn(params, inputs),
+           "kernel floor": kernel_floor(prods), "BLAS floor": blas_floor(prods),
+           "reference": lambda: module.dynamic_rnn(params, inputs, backend="reference")}
+    result.times.update(timed_blocks(fns, args.repeat, args.warmup, {"reference": min(args.repeat, 3)}))
+    progress.step(f"{module.NAME} {label} in-process")
+    torch = _torch_times(module, params, inputs, expected, num_units, args)
+    if torch is not None and "error" not in torch:
+        result.times["torch"] = {"best": torch.pop("best"), "median": torch.pop("median")}
+    if torch is not None:
+        result.notes["torch"] = torch
+    progress.step(f"{module.NAME} {label} torch")
+    return result
+
+
+# -- JIT -------------------------------------------------------------------------------------------
+_JIT_PROBE = """
+import sys, time, importlib, json
+import numpy as np
+sys.path.insert(0, {root!r})
+start = time.perf_counter()
+from cellgen.runtime import gemm
+if {runtime_only!r}:
+    a = np.zeros((2, 8), np.float32)
+    gemm.matmul(a, gemm.pack(np.zeros((8, 8), np.float32)), gemm.pad_bias(None, 8, np.float32))
+    print(json.dumps({{"first_call_s": time.perf_counter() - start, "import_s": 0.0}}))
+    raise SystemExit
+mod = importlib.import_module("generated.{name}")
+imported = time.perf_counter() - start
+params = mod.init_params(8, 8, seed=0, **{{s: 8 for s in mod.SIZES}})
+x = np.zeros((2, 3, 8), np.float32)
+start = time.perf_counter()
+mod.dynamic_rnn(params, x)
+print(json.dumps({{"import_s": imported, "first_call_s": time.perf_counter() - start}}))
+"""
+
+
+def jit_times(spec_path: str) -> dict[str, float]:
+    """First-call times in fresh processes sharing one new Numba cache directory.
+
+    ``runtime``: compiling the shared packed-GEMM runtime (once per machine, every spec uses
+    it); ``cold``: the spec's kernels with the runtime cached; ``cached``: everything cached.
+    """
+    from cellgen.build import GENERATED
+
+    module = load_module(spec_path)
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for kind in ("runtime", "cold", "cached"):
+            code = _JIT_PROBE.format(root=str(GENERATED.parent), name=module.NAME, runtime_only=kind == "runtime")
+            env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+            probe = json.loads(proc.stdout.strip().splitlines()[-1])
+            out[f"{kind}_first_call_s"] = probe["first_call_s"]
+            out[f"{kind}_import_s"] = probe["import_s"]
+    return out
+
+
+# -- report ----------------------------------------------------------------------------------------
+def _ms(result: Result, impl: str) -> str:
+    t = result.times.get(impl)
+    return f"{t['best'] * 1e3:8.2f} ({t['median'] * 1e3:7.2f})" if t else f"{'-':>18}"
+
+
+def _x(value: float | None) -> str:
+    return f"{value:6.2f}x" if value is not None else f"{'-':>7}"
+
+
+def table(results: list[Result]) -> str:
+    """Best (median) ms per implementation and the cellgen ratios, one row per spec and shape."""
+    head = (f"{'spec':<11} {'shape':<5} " + " ".join(f"{n + ' ms':>18}" for n in IMPLS)
+            + "  cg/kern cg/BLAS  cg/ref cg/torch")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(f"{r.spec:<11} {r.shape:<5} " + " ".join(_ms(r, n) for n in IMPLS) + "  " + " ".join(
+            _x(r.ratio("cellgen", b)) for b in ("kernel floor", "BLAS floor", "reference", "torch")))
+    lines.append("times: best (median) of the repeats; ratios from best times; "
+                 "cg/ref < 1 means faster than NumPy.")
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], path: str) -> None:
+    """A grouped bar chart of best times (log scale) per spec and shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.spec}\n{r.shape}" for r in results]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(results)), 4.5))
+    width = 0.8 / len(IMPLS)
+    for k, impl in enumerate(IMPLS):
+        values = [r.times[impl]["best"] * 1e3 if impl in r.times else 0.0 for r in results]
+        ax.bar(np.arange(len(results)) + (k - (len(IMPLS) - 1) / 2) * width, values, width, label=impl)
+    ax.set_xticks(np.arange(len(results)), labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("forward time, best (ms)")
+    ax.set_title("cellgen bench (float32 dynamic_rnn forward)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- command ---------------------------------------------------------------------------------------
+def _shape(text: str) -> tuple[str, tuple[int, int, int, int]]:
+    if text.upper() in SHAPES:
+        return text.upper(), SHAPES[text.upper()]
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"--shape expects B,T,I,H (positive ints) or S1..S4, got {text!r}")
+    dims = tuple(int(p) for p in parts)
+    label = next((k for k, v in SHAPES.items() if v == dims), "x".join(parts))
+    return label, dims  # type: ignore[return-value]
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.backend == "cuda":
+        return _delegate_cuda(args)
+    shapes = args.shape or list(SHAPES.items())
+    if args.threads is None:
+        import numba
+
+        args.threads = numba.get_num_threads()
+    progress = Progress(len(args.specs) * len(shapes) * 2 + (len(args.specs) if args.jit else 0))
+    results, jit = [], {}
+    for spec in args.specs:
+        if args.jit:
+            jit[spec] = jit_times(spec)
+            progress.step(f"{spec} JIT cold/cached")
+        for label, shape in shapes:
+            results.append(bench_one(spec, label, shape, args, progress))
+    progress.close()
+    env = environment()
+    print(_env_text(env, args.threads))
+    print(table(results))
+    for r in results[:: len(shapes)]:
+        print(f"{r.spec}: first call in this process {r.notes['first_call_s']:.2f} s (JIT or on-disk cache)")
+    for spec, t in jit.items():
+        print(f"{spec}: first call in a new process: JIT {t['cold_first_call_s']:.2f} s "
+              f"(+ {t['runtime_first_call_s']:.2f} s once per machine for the shared GEMM runtime), "
+              f"from the on-disk cache "
+              f"{t['cached_first_call_s']:.2f} s (module import {t['cached_import_s']:.2f} s)")
+    for r in results:
+        torch = r.notes.get("torch")
+        if isinstance(torch, dict) and "error" in torch:
+            print(f"torch skipped for {r.spec} {r.shape}: {torch['error']}")
+        elif isinstance(torch, dict) and torch.get("max_abs_diff", 0.0) > 1e-4:
+            print(f"warning: torch output differs from cellgen by {torch['max_abs_diff']:.2e} ({r.spec} {r.shape})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "environment": env, "jit": jit,
+                                               "results": [asdict(r) for r in results]}, indent=2, default=str))
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+def _env_text(env: dict[str, object], threads: int) -> str:
+    blas = "; ".join(f"{b['library']} {b['internal_api']} {b['version']} kernel={b['architecture']} "
+                     f"threads={b['num_threads']}" for b in env["blas"])  # type: ignore[union-attr]
+    return (f"threads: numba {env['numba_threads']} (layer {env['threading_layer']}), torch {threads}; "
+            f"cpus {env['cpu_count']}; cellgen GEMM float32 lanes {env['gemm_lanes_float32']}\n"
+            f"BLAS: {blas}\nenv: {env['env'] or 'no thread/BLAS variables set'}")
+
+
+def _delegate_cuda(args: argparse.Namespace) -> int:
+    try:
+        bench_cuda = importlib.import_module("cellgen.bench_cuda")
+    except ImportError as err:
+        print(f"cellgen bench: --backend cuda needs cellgen.bench_cuda and numba-cuda ({err})", file=sys.stderr)
+        return 2
+    try:
+        return int(bench_cuda.main(args) or 0)
+    except Exception as err:  # no GPU, no driver, no simulator: say so, fail
+        print(f"cellgen bench: cuda backend unavailable: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+def register(subparsers) -> None:
+    """Add ``cellgen bench`` to the CLI (cellgen.cli imports this module when it exists)."""
+    b = subparsers.add_parser("bench", help="time dynamic_rnn against the GEMM floors, NumPy and torch")
+    b.add_argument("specs", nargs="+", help="spec files")
+    b.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
+    b.add_argument("--shape", action="append", type=_shape, metavar="B,T,I,H",
+                   help="a shape (repeatable) or S1..S4; default: S1 S2 S3 S4")
+    b.add_argument("--repeat", type=int, default=10, help="timed calls per implementation (default 10)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default: Numba's thread count)")
+    b.add_argument("--no-torch", action="store_true", help="skip torch even when it is installed")
+    b.add_argument("--jit", action="store_true", help="also time the first call in new processes, cold and cached")
+    b.add_argument("--json", help="write every number to this JSON file")
+    b.add_argument("--plot", help="write a bar chart PNG (needs matplotlib)")
+    b.set_defaults(fn=_cmd_bench)

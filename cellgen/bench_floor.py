@@ -1,0 +1,141 @@
+"""`cellgen bench` helpers: the GEMM floors of a fused plan (its matrix products and nothing else).
+
+Two floors, both for the exact products the fused plan performs (one hoisted GEMM over
+T*B rows, then every recurrent GEMM once per step), no elementwise work:
+
+* **BLAS floor**: the hoisted GEMM through NumPy's BLAS and the T recurrent GEMMs through
+  SciPy's BLAS ``sgemm``/``dgemm`` (``scipy.linalg.cython_blas``, the BLAS Numba's
+  ``np.dot`` calls), called from a compiled loop so no Python overhead is counted. This is
+  the issue's "GEMM floor": the limit of any implementation that calls BLAS per product.
+* **kernel floor**: the same products through cellgen's own packed micro-kernel
+  (:mod:`cellgen.runtime.gemm`), split over the same threads as the generated kernel: the
+  limit of the generated kernel itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import sympy
+from numba import njit, prange
+from numba.extending import get_cython_function_address
+
+from cellgen.plan import FusedPlan
+from cellgen.runtime import gemm as _gemm
+
+_GEMM_TYPE = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 13))
+_sgemm = _GEMM_TYPE(get_cython_function_address("scipy.linalg.cython_blas", "sgemm"))
+_dgemm = _GEMM_TYPE(get_cython_function_address("scipy.linalg.cython_blas", "dgemm"))
+
+
+@dataclass(frozen=True)
+class Products:
+    """The matrix products of one forward call: hoisted (K, N) or None, recurrent [(K, N), ...]."""
+
+    rows: int
+    max_time: int
+    hoisted: tuple[int, int] | None
+    recurrent: tuple[tuple[int, int], ...]
+
+
+def products(plan: FusedPlan, batch: int, max_time: int, sizes: dict[str, int]) -> Products:
+    """The plan's GEMM shapes with the sizes filled in."""
+    def val(e) -> int:
+        e = sympy.sympify(e)
+        return int(e.subs({s: sizes[s.name] for s in e.free_symbols}))
+
+    hoisted = (val(plan.hoisted.rows), val(plan.hoisted.width)) if plan.hoisted is not None else None
+    recurrent = tuple((val(g.rows), val(g.width)) for g in plan.gemms)
+    return Products(batch, max_time, hoisted, recurrent)
+
+
+@njit(nogil=True)
+def _blas_steps(a, w, c, steps, fn32):
+    """``c = a @ w`` ``steps`` times through BLAS (row-major: C^T = W^T A^T, column-major)."""
+    rows, k = a.shape
+    n = w.shape[1]
+    ints = np.empty(6, np.int32)
+    ints[0], ints[1], ints[2], ints[3], ints[4], ints[5] = n, rows, k, n, k, n
+    scal = np.zeros(2, a.dtype)
+    scal[0] = 1.0
+    trans = np.empty(1, np.uint8)
+    trans[0] = 78  # 'N'
+    for _ in range(steps):
+        if fn32:
+            _sgemm(trans.ctypes, trans.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes, scal.ctypes,
+                   w.ctypes, ints[3:].ctypes, a.ctypes, ints[4:].ctypes, scal[1:].ctypes, c.ctypes, ints[5:].ctypes)
+        else:
+            _dgemm(trans.ctypes, trans.ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes, scal.ctypes,
+                   w.ctypes, ints[3:].ctypes, a.ctypes, ints[4:].ctypes, scal[1:].ctypes, c.ctypes, ints[5:].ctypes)
+
+
+@njit(nogil=True, parallel=True)
+def _kernel_steps(fn, a, wp, c, bias, steps, nth):
+    """``c = a @ W`` ``steps`` times, panels split over ``nth`` threads (as the generated kernels)."""
+    panels = wp.shape[0]
+    for _ in range(steps):
+        if nth == 1:
+            _gemm.gemm_panels(fn, c, a, wp, bias, 0, panels, 0, a.shape[0])
+        else:
+            for q in prange(nth):
+                _gemm.gemm_panels(fn, c, a, wp, bias, q * panels // nth, (q + 1) * panels // nth, 0, a.shape[0])
+
+
+def _operands(shape: tuple[int, int], rows: int, dtype, rng) -> tuple[np.ndarray, np.ndarray]:
+    k, n = shape
+    return (rng.standard_normal((rows, k)).astype(dtype), (rng.standard_normal((k, n)) / np.sqrt(k)).astype(dtype))
+
+
+def blas_floor(p: Products, dtype=np.float32, seed: int = 0) -> Callable[[], None]:
+    """A callable doing the plan's products through BLAS (hoisted with NumPy, steps compiled)."""
+    rng = np.random.default_rng(seed)
+    xs, w_in = _operands(p.hoisted, p.rows * p.max_time, dtype, rng) if p.hoisted else (None, None)
+    steps = []
+    for shape in p.recurrent:
+        a, w = _operands(shape, p.rows, dtype, rng)
+        steps.append((a, w, np.empty((p.rows, shape[1]), dtype)))
+    fn32 = np.dtype(dtype) == np.float32
+
+    def run() -> None:
+        if xs is not None:
+            np.matmul(xs, w_in)
+        if len(steps) == 1:
+            _blas_steps(*steps[0], p.max_time, fn32)
+        else:  # several GEMMs per step: keep their order inside each step
+            for _ in range(p.max_time):
+                for a, w, c in steps:
+                    _blas_steps(a, w, c, 1, fn32)
+
+    return run
+
+
+def kernel_floor(p: Products, dtype=np.float32, seed: int = 0) -> Callable[[], None]:
+    """A callable doing the plan's products through cellgen's packed micro-kernel, same threads."""
+    rng = np.random.default_rng(seed)
+    per_row = sum(k * n for k, n in p.recurrent) if p.recurrent else 0
+    nth = _gemm.threads_for(p.rows, per_row) if p.recurrent else _gemm.threads_for(p.rows, 1 << 30)
+    hoisted = None
+    if p.hoisted:
+        xs, w_in = _operands(p.hoisted, p.rows * p.max_time, dtype, rng)
+        hoisted = (xs, _gemm.pack(w_in), _gemm.pad_bias(None, p.hoisted[1], dtype))
+    steps = []
+    for shape in p.recurrent:
+        a, w = _operands(shape, p.rows, dtype, rng)
+        wp = _gemm.pack(w)
+        steps.append((a, wp, np.empty((p.rows, wp.shape[0] * wp.shape[2]), dtype),
+                      _gemm.pad_bias(None, shape[1], dtype)))
+
+    def run() -> None:
+        if hoisted is not None:
+            _gemm.matmul(hoisted[0], hoisted[1], hoisted[2])
+        if len(steps) == 1:
+            _kernel_steps(_gemm.PANELS, *steps[0], p.max_time, nth)
+        else:
+            for _ in range(p.max_time):
+                for a, wp, c, bias in steps:
+                    _kernel_steps(_gemm.PANELS, a, wp, c, bias, 1, nth)
+
+    return run

@@ -1,0 +1,255 @@
+"""Runtime GEMM for the CPU kernels: packed weights and an LLVM register-blocked micro-kernel.
+
+The recurrent GEMMs of a fused plan multiply a small ``[B, K]`` state by the same
+``[K, N]`` weight every step. A per-call BLAS ``sgemm`` re-packs that weight on
+every call (OpenBLAS packs both operands), which costs as much as the arithmetic
+at B <= 64. Here the weight is packed ONCE into column panels (``[P, K, PANEL]``,
+zero-padded) and every step runs a micro-kernel that keeps a ``ROWS x PANEL``
+block of the result in vector registers (``ROWS * VECTORS`` accumulators) while
+it streams one panel:
+
+    for k in range(K):  acc[r, :] += a[r, k] * panel[k, :]     (r < ROWS, unrolled)
+
+The micro-kernel is emitted as LLVM IR (``numba.extending.intrinsic``): vector
+``fma`` on ``<LANES x float>``; LLVM picks the instructions of the host (AVX-512:
+16 float lanes; AVX2 machines get 8 lanes so the accumulators fit in 16 ymm
+registers). Each output element is one fixed-order sum over k, whatever the
+thread split: results do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llb
+import numpy as np
+from llvmlite import ir
+from numba import cfunc, get_num_threads, njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+#: float lanes of one vector register of the host (AVX-512: 16, else 8).
+LANES32 = 16 if "avx512f" in llb.get_host_cpu_features().flatten() else 8
+#: vectors per panel row and rows per register block.
+VECTORS = 2
+ROWS = 6
+#: panel width in elements, per dtype (a panel row is VECTORS vectors).
+PANEL32 = VECTORS * LANES32
+PANEL64 = VECTORS * LANES32 // 2
+
+
+def _micro_kernel(rows: int, lanes: int, is64: bool):
+    """An intrinsic ``mk(c, ldc, a, lda, w, K, bias)``: c[r, :] = bias + sum_k a[r, k] * w[k, :].
+
+    Pointers are raw addresses (``arr.ctypes.data`` plus an offset); ``ldc``/``lda`` are
+    row strides in elements; ``w`` is one packed panel ``[K, VECTORS * lanes]``.
+    """
+    fty = ir.DoubleType() if is64 else ir.FloatType()
+    vty = ir.VectorType(fty, lanes)
+    size = 8 if is64 else 4
+
+    @intrinsic
+    def mk(typingctx, c, ldc, a, lda, w, k_count, bias):
+        sig = types.void(types.uintp, types.intp, types.uintp, types.intp, types.uintp, types.intp, types.uintp)
+
+        def codegen(context, builder, signature, args):
+            cptr, ldc_, aptr, lda_, wptr, k_, bptr = args
+            i64, i32 = ir.IntType(64), ir.IntType(32)
+            pf, pv = fty.as_pointer(), vty.as_pointer()
+            cbase, abase, wbase = (builder.inttoptr(p, pf) for p in (cptr, aptr, wptr))
+            bbase = builder.inttoptr(bptr, pf)
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                                 f"llvm.fma.v{lanes}{'f64' if is64 else 'f32'}")
+            init = [builder.load(builder.bitcast(builder.gep(bbase, [ir.Constant(i64, v * lanes)]), pv),
+                                 align=size) for v in range(VECTORS)]
+            entry = builder.block
+            loop = builder.append_basic_block("mk_loop")
+            done = builder.append_basic_block("mk_done")
+            builder.cbranch(builder.icmp_signed(">", k_, ir.Constant(i64, 0)), loop, done)
+
+            builder.position_at_end(loop)
+            k = builder.phi(i64)
+            k.add_incoming(ir.Constant(i64, 0), entry)
+            acc = [[builder.phi(vty) for _ in range(VECTORS)] for _ in range(rows)]
+            for r in range(rows):
+                for v in range(VECTORS):
+                    acc[r][v].add_incoming(init[v], entry)
+            woff = builder.mul(k, ir.Constant(i64, VECTORS * lanes))
+            wv = [builder.load(builder.bitcast(builder.gep(wbase, [builder.add(woff, ir.Constant(i64, v * lanes))]),
+                                               pv), align=size) for v in range(VECTORS)]
+            splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+            new = []
+            for r in range(rows):
+                x = builder.load(builder.gep(abase, [builder.add(builder.mul(ir.Constant(i64, r), lda_), k)]))
+                xv = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(i32, 0))
+                xv = builder.shuffle_vector(xv, ir.Constant(vty, ir.Undefined), splat)
+                new.append([builder.call(fma, [xv, wv[v], acc[r][v]]) for v in range(VECTORS)])
+            k_next = builder.add(k, ir.Constant(i64, 1))
+            tail = builder.block
+            k.add_incoming(k_next, tail)
+            for r in range(rows):
+                for v in range(VECTORS):
+                    acc[r][v].add_incoming(new[r][v], tail)
+            builder.cbranch(builder.icmp_signed("<", k_next, k_), loop, done)
+
+            builder.position_at_end(done)
+            final = []
+            for r in range(rows):
+                for v in range(VECTORS):
+                    phi = builder.phi(vty)
+                    phi.add_incoming(init[v], entry)
+                    phi.add_incoming(new[r][v], tail)
+                    final.append(phi)
+            for r in range(rows):
+                row = builder.mul(ir.Constant(i64, r), ldc_)
+                for v in range(VECTORS):
+                    ptr = builder.gep(cbase, [builder.add(row, ir.Constant(i64, v * lanes))])
+                    builder.store(final[r * VECTORS + v], builder.bitcast(ptr, pv), align=size)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return mk
+
+
+_K32 = [_micro_kernel(r, LANES32, False) for r in range(1, ROWS + 1)]
+_K64 = [_micro_kernel(r, LANES32 // 2, True) for r in range(1, ROWS + 1)]
+
+
+_m32_1, _m32_2, _m32_3, _m32_4, _m32_5, _m32_6 = _K32
+_m64_1, _m64_2, _m64_3, _m64_4, _m64_5, _m64_6 = _K64
+
+
+def _panels_raw(item, c, ldc, a, lda, w, k, bias, panel, p0, p1, r0, r1):
+    """The panel/row-block loop on raw addresses, compiled ONCE as a C callback (``PANELS``).
+
+    Kernels call it through its address (:func:`gemm_panels`), so its large unrolled code is
+    never linked into, and re-optimized with, each generated kernel: the micro-kernels are
+    compiled once per machine (on-disk cache) and every spec's kernel stays cheap to compile.
+    """
+    for p in range(p0, p1):
+        wp = w + p * k * panel * item
+        bp = bias + p * panel * item
+        for r in range(r0, r1, ROWS):
+            rows = min(ROWS, r1 - r)
+            cp = c + (r * ldc + p * panel) * item
+            ap = a + r * lda * item
+            if item == 4:
+                if rows == 6:
+                    _m32_6(cp, ldc, ap, lda, wp, k, bp)
+                elif rows == 5:
+                    _m32_5(cp, ldc, ap, lda, wp, k, bp)
+                elif rows == 4:
+                    _m32_4(cp, ldc, ap, lda, wp, k, bp)
+                elif rows == 3:
+                    _m32_3(cp, ldc, ap, lda, wp, k, bp)
+                elif rows == 2:
+                    _m32_2(cp, ldc, ap, lda, wp, k, bp)
+                else:
+                    _m32_1(cp, ldc, ap, lda, wp, k, bp)
+            elif rows == 6:
+                _m64_6(cp, ldc, ap, lda, wp, k, bp)
+            elif rows == 5:
+                _m64_5(cp, ldc, ap, lda, wp, k, bp)
+            elif rows == 4:
+                _m64_4(cp, ldc, ap, lda, wp, k, bp)
+            elif rows == 3:
+                _m64_3(cp, ldc, ap, lda, wp, k, bp)
+            elif rows == 2:
+                _m64_2(cp, ldc, ap, lda, wp, k, bp)
+            else:
+                _m64_1(cp, ldc, ap, lda, wp, k, bp)
+
+
+assert ROWS == 6  # the dispatch in _panels_raw
+_RAW_SIG = types.void(*([types.intp] * 13))
+_panels_cfunc = cfunc(_RAW_SIG, cache=True, nogil=True)(_panels_raw)
+#: Address of the compiled panel loop: pass it to kernels as an argument (a global would be
+#: frozen into Numba's on-disk cache, and the address changes from process to process).
+PANELS = _panels_cfunc.address
+
+
+@intrinsic
+def _call_raw(typingctx, fn, item, c, ldc, a, lda, w, k, bias, panel, p0, p1, r0, r1):
+    """An opaque indirect call of ``fn(item, c, ..., r1)`` (13 intp arguments, no result)."""
+    sig = types.void(*([types.intp] * 14))
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(64)] * 13)
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), args[1:])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def gemm_panels(fn, c, a, wp, bias, p0, p1, r0, r1):
+    """``c[r, cols(p)] = bias[cols(p)] + a[r] @ W[:, cols(p)]`` for panels p0..p1, rows r0..r1.
+
+    ``fn`` is :data:`PANELS`; ``c`` and ``a`` are 2-D with unit column stride (any row
+    stride); ``wp`` is ``pack(W)``; ``c`` and ``bias`` have at least ``P * PANEL`` columns.
+    """
+    item = a.itemsize
+    _call_raw(fn, item, c.ctypes.data, c.strides[0] // item, a.ctypes.data, a.strides[0] // item, wp.ctypes.data,
+              a.shape[1], bias.ctypes.data, wp.shape[2], p0, p1, r0, r1)
+
+
+def panel_width(dtype) -> int:
+    """Columns per packed panel for ``dtype``."""
+    return PANEL32 if np.dtype(dtype) == np.float32 else PANEL64
+
+
+def padded(n: int, dtype) -> int:
+    """``n`` rounded up to whole panels: the width of a result buffer."""
+    width = panel_width(dtype)
+    return -(-n // width) * width
+
+
+def pack(weight: np.ndarray) -> np.ndarray:
+    """``[K, N]`` -> ``[P, K, PANEL]`` column panels, zero-padded to whole panels (contiguous)."""
+    k, n = weight.shape
+    width = panel_width(weight.dtype)
+    full = np.zeros((k, padded(n, weight.dtype)), dtype=weight.dtype)
+    full[:, :n] = weight
+    return np.ascontiguousarray(full.reshape(k, -1, width).transpose(1, 0, 2))
+
+
+def pad_bias(bias: np.ndarray | None, n: int, dtype) -> np.ndarray:
+    """A bias (or zeros) padded to whole panels."""
+    out = np.zeros(padded(n, dtype), dtype=dtype)
+    if bias is not None:
+        out[:n] = bias
+    return out
+
+
+#: Rows per prange chunk of :func:`matmul` (a multiple of ROWS).
+CHUNK = 16 * ROWS
+#: Below this many multiply-adds per step a kernel runs on one thread: a parallel launch
+#: (about 1-2 us) would cost more than it saves.
+PARALLEL_WORK = 1 << 19
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _matmul_into(fn, c, a, wp, bias, nth):
+    m = a.shape[0]
+    chunks = (m + CHUNK - 1) // CHUNK
+    for q in prange(nth):
+        for chunk in range(q * chunks // nth, (q + 1) * chunks // nth):
+            gemm_panels(fn, c, a, wp, bias, 0, wp.shape[0], chunk * CHUNK, min(m, (chunk + 1) * CHUNK))
+
+
+def matmul(a: np.ndarray, wp: np.ndarray, bias: np.ndarray, nth: int | None = None) -> np.ndarray:
+    """``a @ W + bias`` over whole panels: ``[M, P * PANEL]`` (the hoisted GEMM: M = T*B rows).
+
+    ``nth`` None: :func:`threads_for` the whole product.
+    """
+    c = np.empty((a.shape[0], wp.shape[0] * wp.shape[2]), dtype=a.dtype)
+    if nth is None:
+        nth = threads_for(a.shape[0], wp.shape[1] * c.shape[1])
+    _matmul_into(PANELS, c, np.ascontiguousarray(a), wp, bias, nth)
+    return c
+
+
+def threads_for(rows: int, work_per_row: int) -> int:
+    """Threads for one kernel call: Numba's thread count, or 1 for small steps."""
+    if rows < 2 or rows * work_per_row < PARALLEL_WORK:
+        return 1
+    return int(get_num_threads())
