@@ -172,6 +172,14 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
         args.append(("xs", "xs"))
     if plan.uses_x_prev:
         args.append(("x0", "x0"))
+    batch_outer = plan.scan_only and not plan.double_buffered
+    # a scan with a hoisted GEMM computes it by time blocks inside its parallel region
+    # (fused_scan): the projection of a block stays in cache for the scan that reads it
+    fused_scan = batch_outer and hoisted is not None
+    if fused_scan:
+        if not plan.uses_x:
+            args.append(("xs", "xs"))
+        args += [("w_in", "w_in"), ("b_in", "b_in")]
     args.append(("lengths", "lengths"))
     args += [(f"w_rec{g.stage}", f"w_rec[{g.stage}]") for g in plan.gemms]  # packed panels
     args += [(param_array(n), f"params[{n!r}]") for n in (*plan.unit_params, *plan.epilogue_biases)]
@@ -183,9 +191,14 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
 
     views = []
     if hoisted is not None:
-        views.append("pre_t = pre[t]")
-        if hoisted.delayed:
-            views.append("pre_prev = pre0 if t == 0 else pre[t - 1]")
+        if fused_scan:  # pre: a ring of time slots
+            views.append("pre_t = pre[t % pre.shape[0]]")
+            if hoisted.delayed:
+                views.append("pre_prev = pre0 if t == 0 else pre[(t - 1) % pre.shape[0]]")
+        else:
+            views.append("pre_t = pre[t]")
+            if hoisted.delayed:
+                views.append("pre_prev = pre0 if t == 0 else pre[t - 1]")
     if plan.uses_x:
         views.append("x_t = xs[t]")
     if plan.uses_x_prev:
@@ -230,11 +243,11 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
     delay_index = None
     if plan.delay_states:
         delay_index = list(_state_names(spec)).index(plan.delay_states[0])
-    batch_outer = plan.scan_only and not plan.double_buffered
     return {
         "kernels": kernels, "args": [a for a, _ in args], "call_args": [c for _, c in args],
         "double_buffered": [state_array(n) for n in plan.double_buffered], "buffers": buffers,
         "states": states, "step_views": "\n".join(views), "batch_outer": batch_outer,
+        "fused_scan": fused_scan,
         "parallel": batch_outer, "delay_index": delay_index,
         "output_size": print_index(plan.output_size),
         # multiply-adds per step (a scan runs once per call: its work is T steps of units)

@@ -43,6 +43,12 @@ for name in {specs!r}:
     out[name] = o
     for k, v in enumerate(s):
         out[f"{{name}}_state{{k}}"] = v
+    if name == "qrnn":  # a scan's work is its whole call: T=200 takes its fused parallel path
+        x = rng.standard_normal((batch, 200, isize)).astype(np.float32)
+        lengths = rng.integers(0, 201, size=batch)
+        o, s = mod.dynamic_rnn(params, x, sequence_length=lengths)
+        out["qrnn_long"] = o
+        out["qrnn_long_state0"] = s[0]
 out["threads"] = np.array([numba.get_num_threads(), gemm.threads_for(24, 128 * 512)])
 np.savez({target!r}, **out)
 """

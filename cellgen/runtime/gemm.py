@@ -253,3 +253,21 @@ def threads_for(rows: int, work_per_row: int) -> int:
     if rows < 2 or rows * work_per_row < PARALLEL_WORK:
         return 1
     return int(get_num_threads())
+
+
+#: Bytes of projection a fused scan keeps per thread (its ring of time slots): about half of
+#: a 1 MiB L2, the rest holds the packed weight panels being streamed.
+SCAN_BLOCK_BYTES = 1 << 19
+
+
+def scan_blocks(rows: int, nth: int, width: int, dtype) -> tuple[int, int]:
+    """``(chunk, tb)`` of a fused scan: rows per block (a multiple of ROWS) and time steps per block.
+
+    Each thread projects ``chunk`` of its batch rows for ``tb`` steps into a ring of ``2 * tb``
+    slots (the previous block's last slot stays for a delayed input), then scans them.
+    """
+    row_bytes = width * np.dtype(dtype).itemsize
+    per_thread = -(-rows // max(nth, 1))
+    chunk = max(ROWS, min(per_thread, SCAN_BLOCK_BYTES // (2 * row_bytes)) // ROWS * ROWS)
+    tb = max(1, SCAN_BLOCK_BYTES // (2 * chunk * row_bytes))
+    return chunk, tb
