@@ -6,12 +6,11 @@ from cellgen.runtime.driver import (
     bidirectional_dynamic_rnn,
     cell_step,
     dynamic_rnn,
-    hoisted_gemm,
     reverse_sequence,
 )
 from cellgen.runtime.params import check_params, init_params, size_from, take_sizes
 
 __all__ = [
-    "CellInfo", "bidirectional_dynamic_rnn", "cell_step", "check_params", "dynamic_rnn", "hoisted_gemm",
+    "CellInfo", "bidirectional_dynamic_rnn", "cell_step", "check_params", "dynamic_rnn",
     "init_params", "reverse_sequence", "size_from", "take_sizes",
 ]

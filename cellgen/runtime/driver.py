@@ -73,14 +73,6 @@ def run(cell: CellInfo, call: Call, backend: str) -> tuple[np.ndarray, list[np.n
     return out, states
 
 
-def hoisted_gemm(xs: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """The ONE hoisted GEMM: all T*B input rows at once, bias added; [T, B, width]."""
-    max_time, batch, input_size = xs.shape
-    pre = xs.reshape(max_time * batch, input_size) @ weight
-    pre += bias
-    return pre.reshape(max_time, batch, weight.shape[1])
-
-
 def _last_input(call: Call, k: int) -> np.ndarray:
     """A delay state's final value: the input at each sequence's last valid step."""
     final = call.states[k].copy()
