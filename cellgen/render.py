@@ -176,7 +176,9 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
     # a scan with a hoisted GEMM computes it by time blocks inside its parallel region
     # (fused_scan): the projection of a block stays in cache for the scan that reads it
     fused_scan = batch_outer and hoisted is not None
-    if fused_scan:
+    # the step loop too computes the hoisted GEMM by time blocks (each thread its own batch
+    # rows, just before the steps that read them) unless the driver computed it up front
+    if hoisted is not None:
         if not plan.uses_x:
             args.append(("xs", "xs"))
         args += [("w_in", "w_in"), ("b_in", "b_in")]
@@ -195,10 +197,10 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
             views.append("pre_t = pre[t % pre.shape[0]]")
             if hoisted.delayed:
                 views.append("pre_prev = pre0 if t == 0 else pre[(t - 1) % pre.shape[0]]")
-        else:
-            views.append("pre_t = pre[t]")
-            if hoisted.delayed:
-                views.append("pre_prev = pre0 if t == 0 else pre[t - 1]")
+        else:  # pre: the block of steps s0.. (all T steps when computed up front)
+            views.append("pre_t = pre[t - s0]")
+            if hoisted.delayed:  # never blocked: the driver computes it up front
+                views.append("pre_prev = pre0 if t == 0 else pre[t - s0 - 1]")
     if plan.uses_x:
         views.append("x_t = xs[t]")
     if plan.uses_x_prev:
@@ -247,7 +249,13 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
         "kernels": kernels, "args": [a for a, _ in args], "call_args": [c for _, c in args],
         "double_buffered": [state_array(n) for n in plan.double_buffered], "buffers": buffers,
         "states": states, "step_views": "\n".join(views), "batch_outer": batch_outer,
+        # what one thread of the step loop works on: the kernel's arguments and step buffers
+        "step_args": [a for a, _ in args] + [b["name"] for b in buffers] + [
+            f"{state_array(n)}_new" for n in plan.double_buffered],
         "fused_scan": fused_scan,
+        # the step loop (not a scan) of a plan with a hoisted GEMM: it may compute it by blocks
+        "step_hoisted": hoisted is not None and not batch_outer,
+        "blocked_hoist": hoisted is not None and not batch_outer and not hoisted.delayed,
         "parallel": batch_outer, "delay_index": delay_index,
         "output_size": print_index(plan.output_size),
         # multiply-adds per step (a scan runs once per call: its work is T steps of units)

@@ -101,6 +101,34 @@ def test_bidirectional_matches_reference(name: str, backend: str, dtype) -> None
     assert_states_close(sbw, want_sbw, dtype)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", ["basic_lstm", "gru", "lstm"])
+def test_hoisted_gemm_by_blocks_matches_reference(name: str, dtype, threads: int, monkeypatch) -> None:
+    """The step loop computes the hoisted GEMM by blocks of steps (gemm.hoist_block) when each
+    thread has enough batch rows: several blocks and a partial last one, on 1 and 2 threads,
+    batch-major (rows of a step strided) and time-major inputs."""
+    from cellgen.runtime import gemm
+
+    m = module(name)
+    batch, steps = 26, 11
+    params, inputs, lengths, state = setup(name, dtype, batch=batch, steps=steps, seed=3)
+    width = gemm.padded(3 * H if name == "gru" else 4 * H, dtype)
+    monkeypatch.setattr(gemm, "HOIST_BLOCK_BYTES", 3 * batch * width * np.dtype(dtype).itemsize)  # tb = 3 (1 thread)
+    monkeypatch.setattr(gemm, "PARALLEL_WORK", 0 if threads == 2 else 1 << 62)
+    assert gemm.threads_for(batch, 1) == min(threads, gemm.get_num_threads())
+    assert 0 < gemm.hoist_block(batch, threads, width, dtype) < steps
+    hyper = HYPER.get(name, {})
+    want_out, want_state = ref.dynamic_rnn(name, params, inputs, lengths, state, **hyper)
+    out, final = m.dynamic_rnn(params, inputs, sequence_length=lengths, initial_state=state, **hyper)
+    assert_close(out, want_out, dtype)
+    assert_states_close(final, want_state, dtype)
+    out, final = m.dynamic_rnn(params, inputs.transpose(1, 0, 2).copy(), sequence_length=lengths,
+                               initial_state=state, time_major=True, **hyper)
+    assert_close(out, want_out.transpose(1, 0, 2), dtype)
+    assert_states_close(final, want_state, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_multi_rnn_three_mixed_layers(backend: str, dtype) -> None:

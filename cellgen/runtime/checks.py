@@ -10,14 +10,20 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def as_time_major(inputs, time_major: bool) -> np.ndarray:
-    """inputs [B, T, I] (or [T, B, I] when time_major) -> C-contiguous [T, B, I] float array."""
+    """inputs [B, T, I] (or [T, B, I] when time_major) -> a [T, B, I] float array.
+
+    Batch-major inputs come back as a transposed VIEW (no copy: the CPU kernels read
+    rows at any stride); only a last axis that is not contiguous is copied.
+    """
     arr = np.asarray(inputs)
     layout = "[max_time, batch_size, input_size]" if time_major else "[batch_size, max_time, input_size]"
     if arr.ndim != 3:
         raise ValueError(f"inputs must have rank 3 {layout}, got shape {arr.shape}")
     if arr.dtype not in FLOAT_DTYPES:
         raise ValueError(f"inputs must be float32 or float64, got {arr.dtype}")
-    return np.ascontiguousarray(arr if time_major else arr.transpose(1, 0, 2))
+    if arr.shape[2] > 1 and arr.strides[2] != arr.itemsize:
+        arr = np.ascontiguousarray(arr)
+    return arr if time_major else arr.transpose(1, 0, 2)
 
 
 def sequence_lengths(sequence_length, batch_size: int, max_time: int) -> np.ndarray:

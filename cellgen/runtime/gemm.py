@@ -244,7 +244,42 @@ def matmul(a: np.ndarray, wp: np.ndarray, bias: np.ndarray, nth: int | None = No
     c = np.empty((a.shape[0], wp.shape[0] * wp.shape[2]), dtype=a.dtype)
     if nth is None:
         nth = threads_for(a.shape[0], wp.shape[1] * c.shape[1])
-    _matmul_into(PANELS, c, np.ascontiguousarray(a), wp, bias, nth)
+    if a.strides[1] != a.itemsize:
+        a = np.ascontiguousarray(a)
+    _matmul_into(PANELS, c, a, wp, bias, nth)
+    return c
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _matmul_steps_into(fn, c, a, wp, bias, nth):
+    steps = a.shape[0]
+    for q in prange(nth):
+        for t in range(q * steps // nth, (q + 1) * steps // nth):
+            gemm_panels(fn, c[t], a[t], wp, bias, 0, wp.shape[0], 0, a.shape[1])
+
+
+def matmul_steps(xs: np.ndarray, wp: np.ndarray, bias: np.ndarray, nth: int | None = None) -> np.ndarray:
+    """The hoisted GEMM over every step: ``xs [T, B, K]`` -> ``[T, B, P * PANEL]``, without copying xs.
+
+    ``xs`` may be a transposed view of batch-major inputs (rows of one step ``B`` apart):
+    each step's ``B`` rows are multiplied in place at their stride. Where the ``T * B`` rows
+    are evenly spaced (time-major, or ``B == 1``), or a step has fewer rows than one register
+    block, it runs as one ``[T * B, K]`` product (:func:`matmul`), copying only in the latter case.
+    """
+    steps, rows, k = xs.shape
+    width = wp.shape[0] * wp.shape[2]
+    if xs.strides[2] != xs.itemsize:
+        xs = np.ascontiguousarray(xs)
+    if rows == 1 or xs.strides[0] == rows * xs.strides[1]:  # evenly spaced rows: one [T * B, K] view
+        step = xs.strides[0] if rows == 1 else xs.strides[1]
+        flat = np.lib.stride_tricks.as_strided(xs, (steps * rows, k), (step, xs.strides[2]))
+        return matmul(flat, wp, bias, nth).reshape(steps, rows, width)
+    if rows < ROWS:
+        return matmul(np.ascontiguousarray(xs).reshape(steps * rows, k), wp, bias, nth).reshape(steps, rows, width)
+    c = np.empty((steps, rows, width), dtype=xs.dtype)
+    if nth is None:
+        nth = threads_for(steps * rows, k * width)
+    _matmul_steps_into(PANELS, c, xs, wp, bias, min(nth, steps))
     return c
 
 
@@ -253,6 +288,25 @@ def threads_for(rows: int, work_per_row: int) -> int:
     if rows < 2 or rows * work_per_row < PARALLEL_WORK:
         return 1
     return int(get_num_threads())
+
+
+#: Bytes of hoisted-GEMM result a step loop keeps per thread when it computes it by blocks.
+HOIST_BLOCK_BYTES = 1 << 19
+
+
+def hoist_block(rows: int, nth: int, width: int, dtype) -> int:
+    """Steps per block of the hoisted GEMM inside a step loop, or 0: computed up front.
+
+    Each thread computes the hoisted rows of its own batch rows for ``tb`` steps, then runs
+    those steps: the block (about HOIST_BLOCK_BYTES per thread) is read back from its cache
+    instead of a ``[T, B, width]`` array in memory (S1 LSTM: 4% faster, S4: 9%). A thread
+    with fewer than two register blocks of rows would run the micro-kernel on too few rows:
+    then the whole GEMM runs up front (:func:`matmul_steps`).
+    """
+    per_thread = -(-rows // max(nth, 1))
+    if rows // max(nth, 1) < 2 * ROWS:
+        return 0
+    return max(1, HOIST_BLOCK_BYTES // (per_thread * width * np.dtype(dtype).itemsize))
 
 
 #: Bytes of projection a fused scan keeps per thread (its ring of time slots): about half of
