@@ -8,8 +8,8 @@ T*B rows, then every recurrent GEMM once per step), no elementwise work:
   ``np.dot`` calls), called from a compiled loop so no Python overhead is counted. This is
   the issue's "GEMM floor": the limit of any implementation that calls BLAS per product.
 * **kernel floor**: the same products through cellgen's own packed micro-kernel
-  (:mod:`cellgen.runtime.gemm`), split over the same threads as the generated kernel: the
-  limit of the generated kernel itself.
+  (:mod:`cellgen.runtime.gemm`), split over the same threads as the generated kernel (one
+  parallel region, a barrier after each product): the limit of the generated kernel itself.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from numba.extending import get_cython_function_address
 
 from cellgen.plan import FusedPlan
 from cellgen.runtime import gemm as _gemm
+from cellgen.runtime import sync as _sync
 
 _GEMM_TYPE = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 13))
 _sgemm = _GEMM_TYPE(get_cython_function_address("scipy.linalg.cython_blas", "sgemm"))
@@ -72,16 +73,30 @@ def _blas_steps(a, w, c, steps, fn32):
                    w.ctypes, ints[3:].ctypes, a.ctypes, ints[4:].ctypes, scal[1:].ctypes, c.ctypes, ints[5:].ctypes)
 
 
-@njit(nogil=True, parallel=True)
-def _kernel_steps(fn, a, wp, c, bias, steps, nth):
-    """``c = a @ W`` ``steps`` times, panels split over ``nth`` threads (as the generated kernels)."""
-    panels = wp.shape[0]
+@njit(nogil=True)
+def _kernel_thread(q, nth, sync, fn, steps, a, wp, c, bias):
+    """Thread q of nth: ``c[i] = a[i] @ W[i]`` for each product i, ``steps`` times, each
+    product's panels split over the threads, a barrier after each (as the generated kernels)."""
+    if not _sync.rendezvous(sync, nth):
+        return
+    passed = 0
     for _ in range(steps):
-        if nth == 1:
-            _gemm.gemm_panels(fn, c, a, wp, bias, 0, panels, 0, a.shape[0])
-        else:
-            for q in prange(nth):
-                _gemm.gemm_panels(fn, c, a, wp, bias, q * panels // nth, (q + 1) * panels // nth, 0, a.shape[0])
+        for i in range(len(wp)):
+            panels = wp[i].shape[0]
+            _gemm.gemm_panels(fn, c[i], a[i], wp[i], bias[i], q * panels // nth, (q + 1) * panels // nth, 0,
+                              a[i].shape[0])
+            passed = _sync.barrier(sync, nth, passed)
+
+
+@njit(nogil=True, parallel=True)
+def _kernel_steps(fn, steps, a, wp, c, bias, nth):
+    """The recurrent products of ``steps`` steps in one parallel region (or on this thread)."""
+    sync = np.zeros(_sync.SYNC_WORDS, dtype=np.int64)
+    if nth > 1:
+        for q in prange(nth):
+            _kernel_thread(np.int64(q), nth, sync, fn, steps, a, wp, c, bias)
+    if nth == 1 or _sync.called_off(sync):
+        _kernel_thread(np.int64(0), np.int64(1), sync, fn, steps, a, wp, c, bias)
 
 
 def _operands(shape: tuple[int, int], rows: int, dtype, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -115,27 +130,25 @@ def blas_floor(p: Products, dtype=np.float32, seed: int = 0) -> Callable[[], Non
 def kernel_floor(p: Products, dtype=np.float32, seed: int = 0) -> Callable[[], None]:
     """A callable doing the plan's products through cellgen's packed micro-kernel, same threads."""
     rng = np.random.default_rng(seed)
-    per_row = sum(k * n for k, n in p.recurrent) if p.recurrent else 0
-    nth = _gemm.threads_for(p.rows, per_row) if p.recurrent else _gemm.threads_for(p.rows, 1 << 30)
+    per_row = sum(k * n for k, n in p.recurrent)
+    nth = _gemm.threads_for_steps(p.rows, p.max_time, per_row) if p.recurrent else 1
     hoisted = None
     if p.hoisted:
         xs, w_in = _operands(p.hoisted, p.rows * p.max_time, dtype, rng)
         hoisted = (xs, _gemm.pack(w_in), _gemm.pad_bias(None, p.hoisted[1], dtype))
-    steps = []
+    a, wp, c, bias = [], [], [], []
     for shape in p.recurrent:
-        a, w = _operands(shape, p.rows, dtype, rng)
-        wp = _gemm.pack(w)
-        steps.append((a, wp, np.empty((p.rows, wp.shape[0] * wp.shape[2]), dtype),
-                      _gemm.pad_bias(None, shape[1], dtype)))
+        a_i, w = _operands(shape, p.rows, dtype, rng)
+        a.append(a_i)
+        wp.append(_gemm.pack(w))
+        c.append(np.empty((p.rows, wp[-1].shape[0] * wp[-1].shape[2]), dtype))
+        bias.append(_gemm.pad_bias(None, shape[1], dtype))
+    steps = (tuple(a), tuple(wp), tuple(c), tuple(bias))
 
     def run() -> None:
         if hoisted is not None:
             _gemm.matmul(hoisted[0], hoisted[1], hoisted[2])
-        if len(steps) == 1:
-            _kernel_steps(_gemm.PANELS, *steps[0], p.max_time, nth)
-        else:
-            for _ in range(p.max_time):
-                for a, wp, c, bias in steps:
-                    _kernel_steps(_gemm.PANELS, a, wp, c, bias, 1, nth)
+        if p.recurrent:
+            _kernel_steps(_gemm.PANELS, p.max_time, *steps, nth)
 
     return run

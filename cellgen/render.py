@@ -216,6 +216,11 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
     view_names = [v.split(" = ")[0] for v in views]
     names_in_kernel = [a for a, _ in args] + [b["name"] for b in buffers] + [
         f"{state_array(n)}_new" for n in plan.double_buffered] + view_names
+    # one thread of the step loop works on the kernel's arguments and step buffers
+    step_args = [a for a, _ in args] + [b["name"] for b in buffers] + [
+        f"{state_array(n)}_new" for n in plan.double_buffered]
+    # the step loop (not a scan) of a plan with a hoisted GEMM: it may compute it by blocks
+    step_hoisted = hoisted is not None and not batch_outer
     kernels = []
     for dtype in DTYPES:
         tanh = _tanh_helper(dtype)
@@ -237,7 +242,9 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
                                  "params": _used(["t", "lengths", *names_in_kernel], text + "\nt lengths")})
         loops = [kp.loop(loop) for e in plan.epilogues for loop in e.loops]
         scan_text = "\n".join([*views, *(f"{lp.domain}\n{lp.body}" for lp in loops)])
+        step_params = step_args + ["b_zero", "gemm_fn"] + (["blocked"] if step_hoisted else [])
         kernels.append({"dtype": dtype, "np_dtype": DTYPES[dtype], "schedule": schedule, "loops": loops,
+                        "step_params": step_params,
                         "tanh": tanh, "scan": f"_scan_{dtype}",
                         "scan_params": _used(["T", "lengths", *(n for n in names_in_kernel if n not in view_names)],
                                              scan_text + "\nT lengths")})
@@ -249,18 +256,15 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
         "kernels": kernels, "args": [a for a, _ in args], "call_args": [c for _, c in args],
         "double_buffered": [state_array(n) for n in plan.double_buffered], "buffers": buffers,
         "states": states, "step_views": "\n".join(views), "batch_outer": batch_outer,
-        # what one thread of the step loop works on: the kernel's arguments and step buffers
-        "step_args": [a for a, _ in args] + [b["name"] for b in buffers] + [
-            f"{state_array(n)}_new" for n in plan.double_buffered],
-        "fused_scan": fused_scan,
-        # the step loop (not a scan) of a plan with a hoisted GEMM: it may compute it by blocks
-        "step_hoisted": hoisted is not None and not batch_outer,
+        "fused_scan": fused_scan, "step_hoisted": step_hoisted,
         "blocked_hoist": hoisted is not None and not batch_outer and not hoisted.delayed,
-        "parallel": batch_outer, "delay_index": delay_index,
+        "delay_index": delay_index,
         "output_size": print_index(plan.output_size),
-        # multiply-adds per step (a scan runs once per call: its work is T steps of units)
-        "step_work": print_index(sum((g.rows * g.width for g in plan.gemms), sympy.Integer(0)))
-        if plan.gemms else f"T * {print_index(plan.output_size)}",
+        # work per batch row: a step loop's multiply-adds per step (its units when it has no
+        # GEMM), a scan's whole call (T steps of units: its rows are split, not its steps)
+        "step_work": f"T * {print_index(plan.output_size)}" if batch_outer
+        else print_index(sum((g.rows * g.width for g in plan.gemms), sympy.Integer(0)))
+        if plan.gemms else print_index(plan.output_size),
     }
 
 

@@ -142,3 +142,14 @@ def barrier(sync, nth, passed):
         spins += 1
         _relax(spins)
     return passed + 1
+
+
+def compile_shared() -> None:
+    """Compile (or load from the on-disk cache) what every generated kernel calls here."""
+    import numpy as np
+
+    sync = np.zeros(SYNC_WORDS, dtype=np.int64)
+    one, zero = np.int64(1), np.int64(0)
+    rendezvous(sync, one)
+    barrier(sync, one, zero)
+    called_off(sync)
