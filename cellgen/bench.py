@@ -118,6 +118,21 @@ def timed_blocks(fns: dict[str, Callable[[], object]], repeat: int, warmup: int,
     return out
 
 
+def merge_rounds(rounds: list[Result]) -> Result:
+    """One spec and shape measured in several rounds (each a pass over every spec and shape):
+    per implementation the best of all rounds and the median of the round medians. A
+    neighbour's load on a shared machine hits some blocks of some rounds, not all of them."""
+    merged = Result(rounds[0].spec, rounds[0].shape, rounds[0].sizes, notes=dict(rounds[0].notes))
+    for impl in rounds[0].times:
+        runs = [r.times[impl] for r in rounds if impl in r.times]
+        merged.times[impl] = {"best": min(t["best"] for t in runs),
+                              "median": float(np.median([t["median"] for t in runs]))}
+    if len(rounds) > 1:
+        merged.notes["rounds_best"] = {impl: [r.times[impl]["best"] for r in rounds if impl in r.times]
+                                       for impl in rounds[0].times}
+    return merged
+
+
 def load_module(spec_path: str):
     """Build (if stale) and import a spec's generated module."""
     from cellgen.build import GENERATED, build
@@ -289,6 +304,12 @@ def _shape(text: str) -> tuple[str, tuple[int, int, int, int]]:
     return label, dims  # type: ignore[return-value]
 
 
+def _positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.backend == "cuda":
         return _delegate_cuda(args)
@@ -297,14 +318,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         import numba
 
         args.threads = numba.get_num_threads()
-    progress = Progress(len(args.specs) * len(shapes) * 2 + (len(args.specs) if args.jit else 0))
-    results, jit = [], {}
+    progress = Progress(args.rounds * len(args.specs) * len(shapes) * 2 + (len(args.specs) if args.jit else 0))
+    jit = {}
     for spec in args.specs:
         if args.jit:
             jit[spec] = jit_times(spec)
             progress.step(f"{spec} JIT cold/cached")
-        for label, shape in shapes:
-            results.append(bench_one(spec, label, shape, args, progress))
+    rounds = [[bench_one(spec, label, shape, args, progress) for spec in args.specs for label, shape in shapes]
+              for _ in range(args.rounds)]
+    results = [merge_rounds(list(same)) for same in zip(*rounds, strict=True)]
     progress.close()
     env = environment()
     print(_env_text(env, args.threads))
@@ -360,6 +382,8 @@ def register(subparsers) -> None:
                    help="a shape (repeatable) or S1..S4; default: S1 S2 S3 S4")
     b.add_argument("--repeat", type=int, default=10, help="timed calls per implementation (default 10)")
     b.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
+    b.add_argument("--rounds", type=_positive, default=1,
+                   help="passes over every spec and shape; each figure is the best of all passes (default 1)")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: Numba's thread count)")
     b.add_argument("--no-torch", action="store_true", help="skip torch even when it is installed")
     b.add_argument("--jit", action="store_true", help="also time the first call in new processes, cold and cached")
