@@ -207,9 +207,12 @@ def pack(weight: np.ndarray) -> np.ndarray:
     """``[K, N]`` -> ``[P, K, PANEL]`` column panels, zero-padded to whole panels (contiguous)."""
     k, n = weight.shape
     width = panel_width(weight.dtype)
-    full = np.zeros((k, padded(n, weight.dtype)), dtype=weight.dtype)
-    full[:, :n] = weight
-    return np.ascontiguousarray(full.reshape(k, -1, width).transpose(1, 0, 2))
+    out = np.zeros((padded(n, weight.dtype) // width, k, width), dtype=weight.dtype)
+    whole = n // width  # full panels: one strided copy; then the zero-padded last one
+    out[:whole] = weight[:, :whole * width].reshape(k, whole, width).transpose(1, 0, 2)
+    if n > whole * width:
+        out[whole, :, :n - whole * width] = weight[:, whole * width:]
+    return out
 
 
 def pad_bias(bias: np.ndarray | None, n: int, dtype) -> np.ndarray:
