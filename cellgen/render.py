@@ -217,8 +217,8 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
     names_in_kernel = [a for a, _ in args] + [b["name"] for b in buffers] + [
         f"{state_array(n)}_new" for n in plan.double_buffered] + view_names
     # one thread of the step loop works on the kernel's arguments and step buffers
-    step_args = [a for a, _ in args] + [b["name"] for b in buffers] + [
-        f"{state_array(n)}_new" for n in plan.double_buffered]
+    double_buffered = [state_array(n) for n in plan.double_buffered]
+    step_args = [a for a, _ in args] + [b["name"] for b in buffers] + [f"{s}_new" for s in double_buffered]
     # the step loop (not a scan) of a plan with a hoisted GEMM: it may compute it by blocks
     step_hoisted = hoisted is not None and not batch_outer
     kernels = []
@@ -242,7 +242,13 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
                                  "params": _used(["t", "lengths", *names_in_kernel], text + "\nt lengths")})
         loops = [kp.loop(loop) for e in plan.epilogues for loop in e.loops]
         scan_text = "\n".join([*views, *(f"{lp.domain}\n{lp.body}" for lp in loops)])
-        step_params = step_args + ["b_zero", "gemm_fn"] + (["blocked"] if step_hoisted else [])
+        # a thread of the step loop takes only what it uses: every argument of the parallel
+        # function costs Numba's parfor lowering time (~35 ms each)
+        step_text = "\n".join([*views, "out b_zero gemm_fn", *(f"{s} {s}_new" for s in double_buffered),
+                                "pre xs w_in b_in blocked" if step_hoisted else "",
+                                *(" ".join(i["params"]) if i["kind"] == "epilogue" else
+                                  f"{i['operand']} {i['weight']} {i['result']}" for i in schedule)])
+        step_params = _used([*step_args, "b_zero", "gemm_fn", *(["blocked"] if step_hoisted else [])], step_text)
         kernels.append({"dtype": dtype, "np_dtype": DTYPES[dtype], "schedule": schedule, "loops": loops,
                         "step_params": step_params,
                         "tanh": tanh, "scan": f"_scan_{dtype}",
