@@ -214,11 +214,10 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
 
     # every name a helper may need: kernel arguments, step buffers, per-step views
     view_names = [v.split(" = ")[0] for v in views]
-    names_in_kernel = [a for a, _ in args] + [b["name"] for b in buffers] + [
-        f"{state_array(n)}_new" for n in plan.double_buffered] + view_names
-    # one thread of the step loop works on the kernel's arguments and step buffers
     double_buffered = [state_array(n) for n in plan.double_buffered]
+    # what a thread of the loop may work on: the kernel's arguments and step buffers
     step_args = [a for a, _ in args] + [b["name"] for b in buffers] + [f"{s}_new" for s in double_buffered]
+    names_in_kernel = step_args + view_names
     # the step loop (not a scan) of a plan with a hoisted GEMM: it may compute it by blocks
     step_hoisted = hoisted is not None and not batch_outer
     kernels = []
@@ -248,22 +247,24 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
                                 "pre xs w_in b_in blocked" if step_hoisted else "",
                                 *(" ".join(i["params"]) if i["kind"] == "epilogue" else
                                   f"{i['operand']} {i['weight']} {i['result']}" for i in schedule)])
-        step_params = _used([*step_args, "b_zero", "gemm_fn", *(["blocked"] if step_hoisted else [])], step_text)
-        kernels.append({"dtype": dtype, "np_dtype": DTYPES[dtype], "schedule": schedule, "loops": loops,
-                        "step_params": step_params,
-                        "tanh": tanh, "scan": f"_scan_{dtype}",
-                        "scan_params": _used(["T", "lengths", *(n for n in names_in_kernel if n not in view_names)],
-                                             scan_text + "\nT lengths")})
+        kernels.append({"dtype": dtype, "schedule": schedule, "loops": loops, "tanh": tanh, "scan": f"_scan_{dtype}",
+                        "step_params": _used([*step_args, "b_zero", "gemm_fn", *(["blocked"] if step_hoisted else [])],
+                                             step_text),
+                        "scan_params": _used(["T", "lengths", *step_args], scan_text + "\nT lengths")})
+    # the names differ between dtypes only in literals and helper names, never in parameters:
+    # one Python driver (_cpu) serves every dtype's kernels
+    step_params, scan_params = kernels[0]["step_params"], kernels[0]["scan_params"]
+    assert all(k["step_params"] == step_params and k["scan_params"] == scan_params for k in kernels)
 
     delay_index = None
     if plan.delay_states:
         delay_index = list(_state_names(spec)).index(plan.delay_states[0])
     return {
         "kernels": kernels, "args": [a for a, _ in args], "call_args": [c for _, c in args],
-        "double_buffered": [state_array(n) for n in plan.double_buffered], "buffers": buffers,
+        "double_buffered": double_buffered, "buffers": buffers,
         "states": states, "step_views": "\n".join(views), "batch_outer": batch_outer,
         "fused_scan": fused_scan, "step_hoisted": step_hoisted,
-        "blocked_hoist": hoisted is not None and not batch_outer and not hoisted.delayed,
+        "step_params": step_params, "scan_params": scan_params,
         "delay_index": delay_index,
         "output_size": print_index(plan.output_size),
         # work per batch row: a step loop's multiply-adds per step (its units when it has no

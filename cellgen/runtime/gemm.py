@@ -322,10 +322,10 @@ def hoist_block(rows: int, nth: int, width: int, dtype) -> int:
     with fewer than two register blocks of rows would run the micro-kernel on too few rows:
     then the whole GEMM runs up front (:func:`matmul_steps`).
     """
-    per_thread = -(-rows // max(nth, 1))
-    if rows // max(nth, 1) < 2 * ROWS:
+    nth = max(nth, 1)
+    if rows // nth < 2 * ROWS:
         return 0
-    return max(1, HOIST_BLOCK_BYTES // (per_thread * width * np.dtype(dtype).itemsize))
+    return max(1, HOIST_BLOCK_BYTES // (-(-rows // nth) * width * np.dtype(dtype).itemsize))
 
 
 #: Bytes of projection a fused scan keeps per thread (its ring of time slots): about half of
