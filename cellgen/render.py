@@ -255,6 +255,16 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
     # one Python driver (_cpu) serves every dtype's kernels
     step_params, scan_params = kernels[0]["step_params"], kernels[0]["scan_params"]
     assert all(k["step_params"] == step_params and k["scan_params"] == scan_params for k in kernels)
+    # what each thread of the parallel region takes after (q, nth); the one-thread loop
+    if fused_scan:
+        thread_params = ["chunk", *scan_params, *(n for n in ("xs", "w_in", "b_in", "gemm_fn") if n not in scan_params)]
+    else:
+        thread_params = scan_params if batch_outer else ["sync", *step_params]
+    for k in kernels:
+        dtype = k["dtype"]
+        k["thread"] = (f"_fused_scan_{dtype}" if fused_scan else f"_scan_rows_{dtype}" if batch_outer
+                       else f"_steps_{dtype}")
+        k["serial"] = k["scan"] if batch_outer else f"_steps_{dtype}"
 
     delay_index = None
     if plan.delay_states:
@@ -264,7 +274,7 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
         "double_buffered": double_buffered, "buffers": buffers,
         "states": states, "step_views": "\n".join(views), "batch_outer": batch_outer,
         "fused_scan": fused_scan, "step_hoisted": step_hoisted,
-        "step_params": step_params, "scan_params": scan_params,
+        "step_params": step_params, "scan_params": scan_params, "thread_params": thread_params,
         "delay_index": delay_index,
         "output_size": print_index(plan.output_size),
         # work per batch row: a step loop's multiply-adds per step (its units when it has no

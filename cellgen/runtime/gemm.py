@@ -236,7 +236,7 @@ def _matmul_into(fn, c, a, wp, bias, nth):
     chunks = (m + CHUNK - 1) // CHUNK
     for q in prange(nth):
         for chunk in range(q * chunks // nth, (q + 1) * chunks // nth):
-            gemm_panels(fn, c, a, wp, bias, 0, wp.shape[0], chunk * CHUNK, min(m, (chunk + 1) * CHUNK))
+            gemm_panels(fn, c, a, wp, bias, np.int64(0), wp.shape[0], chunk * CHUNK, min(m, (chunk + 1) * CHUNK))
 
 
 def matmul(a: np.ndarray, wp: np.ndarray, bias: np.ndarray, nth: int | None = None) -> np.ndarray:
@@ -258,7 +258,7 @@ def _matmul_steps_into(fn, c, a, wp, bias, nth):
     steps = a.shape[0]
     for q in prange(nth):
         for t in range(q * steps // nth, (q + 1) * steps // nth):
-            gemm_panels(fn, c[t], a[t], wp, bias, 0, wp.shape[0], 0, a.shape[1])
+            gemm_panels(fn, c[t], a[t], wp, bias, np.int64(0), wp.shape[0], np.int64(0), a.shape[1])
 
 
 def matmul_steps(xs: np.ndarray, wp: np.ndarray, bias: np.ndarray, nth: int | None = None) -> np.ndarray:
@@ -284,6 +284,18 @@ def matmul_steps(xs: np.ndarray, wp: np.ndarray, bias: np.ndarray, nth: int | No
         nth = threads_for(steps * rows, k * width)
     _matmul_steps_into(PANELS, c, xs, wp, bias, min(nth, steps))
     return c
+
+
+def compile_shared(dtype=np.float32) -> None:
+    """Compile (or load from the on-disk cache) the GEMM entry points every kernel uses.
+
+    :func:`gemm_panels` on contiguous and on strided (batch-major view) operands, through
+    :func:`matmul` and :func:`matmul_steps`. Kernels pass the panel and row bounds as int64
+    variables, never literal ints, so they share these compiled signatures.
+    """
+    wp, bias = pack(np.zeros((8, 8), dtype)), pad_bias(None, 8, dtype)
+    matmul(np.zeros((8, 8), dtype), wp, bias, 1)
+    matmul_steps(np.zeros((8, 2, 8), dtype).transpose(1, 0, 2), wp, bias, 1)
 
 
 def threads_for(rows: int, work_per_row: int) -> int:
