@@ -266,6 +266,7 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
                        else f"_steps_{dtype}")
         k["serial"] = k["scan"] if batch_outer else f"_steps_{dtype}"
 
+    units = _scan_units(plan, kernels[0]["loops"], scan_params) if fused_scan else None
     delay_index = None
     if plan.delay_states:
         delay_index = list(_state_names(spec)).index(plan.delay_states[0])
@@ -275,6 +276,7 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
         "states": states, "step_views": "\n".join(views), "batch_outer": batch_outer,
         "fused_scan": fused_scan, "step_hoisted": step_hoisted,
         "step_params": step_params, "scan_params": scan_params, "thread_params": thread_params,
+        "units": units,
         "delay_index": delay_index,
         "output_size": print_index(plan.output_size),
         # work per batch row: a step loop's multiply-adds per step (its units when it has no
@@ -283,6 +285,55 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
         else print_index(sum((g.rows * g.width for g in plan.gemms), sympy.Integer(0)))
         if plan.gemms else print_index(plan.output_size),
     }
+
+
+def _scan_units(plan: FusedPlan, loops: list[LoopText], scan_params: list[str]) -> dict[str, Any] | None:
+    """How a one-row fused scan splits among threads by units, or None when it cannot.
+
+    A one-row scan (B = 1) cannot split by rows. It splits by units when every loop runs
+    over the same D units (a size symbol) and reads the hoisted columns ``pre[b, j + g * D]``
+    only: then unit j of every gate lies in column panels its thread projects itself. Each
+    thread scans compact copies of its units (the scan called with D = its unit count):
+    ``scan_args`` maps each scan parameter to what the thread passes instead.
+    """
+    domains = {loop.domain for e in plan.epilogues for loop in e.loops}
+    hoisted = plan.hoisted
+    if len(domains) != 1 or hoisted is None:
+        return None
+    (domain,) = domains
+    if not isinstance(domain, sympy.Symbol):
+        return None
+    if not all(sympy.simplify(e / domain).is_Integer for b in hoisted.blocks for e in (b.dest_col, b.width)
+               if e != 0):
+        return None
+    for lp in loops:
+        for index in re.findall(r"\bpre_(?:t|prev)\[b, ([^\]]+)\]", lp.body):
+            offset = sympy.sympify(index, locals={str(domain): domain}) - sympy.Symbol("j")
+            if offset != 0 and not sympy.simplify(offset / domain).is_Integer:
+                return None
+    states = [state_array(n) for n in plan.recurrent_states]
+    units_params = [param_array(n) for n in plan.unit_params]
+    args, copies, first = [], [], None
+    for name in scan_params:
+        if name == PRE:
+            args.append("ring")
+        elif name == "pre0":
+            args.append("first")
+            first = name
+        elif name == str(domain):
+            args.append("units")
+        elif name in states:
+            args.append(f"{name}_q")
+            copies.append(name)
+        elif name == OUT:
+            args.append("out_q")
+        elif name in units_params:
+            args.append(f"{name}[j0:j1]")
+        elif name in ("T", "lengths") or name in {str(s) for s in plan.spec.all_sizes}:
+            args.append(name)
+        else:  # an array the split does not know how to cut
+            return None
+    return {"size": str(domain), "scan_args": args, "states": copies, "first": first}
 
 
 def _used(candidates: list[str], text: str) -> list[str]:

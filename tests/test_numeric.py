@@ -135,6 +135,35 @@ def test_step_loop_layouts_match_reference(name: str, dtype, batch: int, threads
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("name", ["qrnn", "qrnn_f", "qrnn_ifo"])
+def test_one_row_scan_split_by_units_matches_reference(name: str, dtype, monkeypatch) -> None:
+    """A one-row scan on 2 threads splits by units (gemm.scan_unit_split): 3 column panels
+    per gate, so the threads get 1 and 2; the projection by blocks of ROWS steps, the last
+    one partial; a length short of T; batch-major and time-major inputs."""
+    from cellgen.runtime import gemm
+
+    m = module(name)
+    units, steps = 3 * gemm.panel_width(dtype), 11
+    rng = np.random.default_rng(5)
+    params = ref.random_params(name, IN, units, rng, dtype)
+    inputs = rng.standard_normal((1, steps, IN)).astype(dtype)
+    lengths = np.array([steps - 2])
+    state = tuple(rng.standard_normal((1, n)).astype(dtype) for n in ref.state_sizes(name, units, IN, None))
+    monkeypatch.setattr(gemm, "PARALLEL_WORK", 0)
+    monkeypatch.setattr(gemm, "SCAN_BLOCK_BYTES", 0)
+    packed = gemm.pack(m._pack(params, {"input_size": IN, "num_units": units})[0])
+    assert gemm.scan_unit_split(1, units, steps, packed, dtype) == (2, gemm.ROWS)
+    want_out, want_state = ref.dynamic_rnn(name, params, inputs, lengths, state)
+    out, final = m.dynamic_rnn(params, inputs, sequence_length=lengths, initial_state=state)
+    assert_close(out, want_out, dtype)
+    assert_states_close(final, want_state, dtype)
+    out, final = m.dynamic_rnn(params, inputs.transpose(1, 0, 2).copy(), sequence_length=lengths,
+                               initial_state=state, time_major=True)
+    assert_close(out, want_out.transpose(1, 0, 2), dtype)
+    assert_states_close(final, want_state, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_multi_rnn_three_mixed_layers(backend: str, dtype) -> None:
     rng = np.random.default_rng(3)

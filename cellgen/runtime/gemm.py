@@ -345,6 +345,22 @@ def hoist_block(rows: int, nth: int, width: int, dtype) -> int:
 SCAN_BLOCK_BYTES = 1 << 19
 
 
+def scan_unit_split(rows: int, units: int, steps: int, wp: np.ndarray, dtype) -> tuple[int, int]:
+    """``(nth, tb)`` of a one-row fused scan split by units, or ``(1, 0)``: it does not split.
+
+    With one batch row a scan cannot split by rows. Each thread takes whole column panels of
+    every gate (``units`` must be a multiple of the panel width, and give each thread one)
+    and projects them ``tb`` steps at a time as the rows of one GEMM block (a multiple of
+    ROWS: full register blocks), keeping about SCAN_BLOCK_BYTES of ring per thread.
+    """
+    panels, k, pw = wp.shape
+    nth = min(int(get_num_threads()), units // pw)
+    if rows != 1 or units % pw or nth < 2 or steps * k * panels * pw < PARALLEL_WORK:
+        return 1, 0
+    row_bytes = panels * pw * np.dtype(dtype).itemsize // nth
+    return nth, max(ROWS, SCAN_BLOCK_BYTES // (2 * row_bytes) // ROWS * ROWS)
+
+
 def scan_blocks(rows: int, nth: int, width: int, dtype) -> tuple[int, int]:
     """``(chunk, tb)`` of a fused scan: rows per block (a multiple of ROWS) and time steps per block.
 
