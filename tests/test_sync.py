@@ -82,3 +82,27 @@ def test_kernel_falls_back_to_one_thread_when_threads_do_not_all_run(monkeypatch
     np.testing.assert_allclose(out, want_out, rtol=1e-10, atol=1e-10)
     for got, want in zip(state, want_state, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+@njit(nogil=True)
+def _mark(q, nth, marks, scale):
+    marks[q] = (q + 1) * scale
+
+
+@njit(parallel=sync.PRANGE_ONLY, nogil=True)
+def _region(thread, nth, marks, scale):
+    for q in numba.prange(nth):
+        thread(np.int64(q), nth, marks, scale)
+
+
+def test_thread_function_runs_in_a_parallel_region_and_is_memoized_by_argument_types() -> None:
+    marks = np.zeros(3, dtype=np.float32)
+    fn = sync.thread_function(_mark, 3, marks, 2.0)
+    assert numba.typeof(fn) == numba.types.FunctionType(
+        numba.types.void(numba.types.int64, numba.types.int64, numba.typeof(marks), numba.types.float64))
+    _region(fn, 3, marks, 2.0)
+    np.testing.assert_array_equal(marks, [2.0, 4.0, 6.0])
+    assert sync.thread_function(_mark, 2, np.zeros(5, dtype=np.float32), 1.0) is fn  # same types
+    other = sync.thread_function(_mark, 3, np.zeros(3), 2.0)  # float64 marks: another overload
+    assert other is not fn
+    assert sync.thread_function(_mark, 3, np.zeros(3, dtype=np.float32)[::2], 2.0) is not fn  # strided

@@ -207,10 +207,11 @@ def pack(weight: np.ndarray) -> np.ndarray:
     """``[K, N]`` -> ``[P, K, PANEL]`` column panels, zero-padded to whole panels (contiguous)."""
     k, n = weight.shape
     width = panel_width(weight.dtype)
-    out = np.zeros((padded(n, weight.dtype) // width, k, width), dtype=weight.dtype)
+    out = np.empty((padded(n, weight.dtype) // width, k, width), dtype=weight.dtype)
     whole = n // width  # full panels: one strided copy; then the zero-padded last one
     out[:whole] = weight[:, :whole * width].reshape(k, whole, width).transpose(1, 0, 2)
     if n > whole * width:
+        out[whole] = 0
         out[whole, :, :n - whole * width] = weight[:, whole * width:]
     return out
 

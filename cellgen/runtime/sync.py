@@ -38,7 +38,7 @@ from numba import njit, typeof, types
 from numba._dispatcher import compute_fingerprint
 from numba.core import cgutils
 from numba.core.types import CompileResultWAP
-from numba.extending import intrinsic
+from numba.extending import intrinsic, typeof_impl
 
 #: ``parallel=`` of a kernel whose only parallel construct is one explicit ``prange``: Numba's
 #: other parfor conversions (array expressions, reductions, fusion) find nothing there but
@@ -162,11 +162,26 @@ def barrier(sync, nth, passed):
     return passed + 1
 
 
+class ThreadFunction(CompileResultWAP):
+    """A compiled overload as a first-class function value, with its Numba type made once:
+    Numba's generic ``typeof`` of a first-class function builds a new FunctionType per call
+    (~14 us), this one is a lookup."""
+
+    def __init__(self, cres) -> None:
+        super().__init__(cres)
+        self.numba_type = types.FunctionType(cres.signature)
+
+
+@typeof_impl.register(ThreadFunction)
+def _typeof_thread_function(val: ThreadFunction, c) -> types.FunctionType:
+    return val.numba_type
+
+
 #: (thread function, argument fingerprints) -> its compiled first-class function
-_THREAD_FUNCTIONS: dict[tuple, CompileResultWAP] = {}
+_THREAD_FUNCTIONS: dict[tuple, ThreadFunction] = {}
 
 
-def thread_function(dispatcher: Callable, *args: Any) -> CompileResultWAP:
+def thread_function(dispatcher: Callable, *args: Any) -> ThreadFunction:
     """``dispatcher`` compiled for ``(q: int64, *args)``, as a first-class function value.
 
     A kernel's parallel region takes it as an argument and calls ``thread(q, *args)``:
@@ -180,7 +195,7 @@ def thread_function(dispatcher: Callable, *args: Any) -> CompileResultWAP:
     if fn is None:
         argtypes = (types.int64, *map(typeof, args))
         dispatcher.compile(argtypes)
-        fn = _THREAD_FUNCTIONS[key] = CompileResultWAP(dispatcher.overloads[argtypes])
+        fn = _THREAD_FUNCTIONS[key] = ThreadFunction(dispatcher.overloads[argtypes])
     return fn
 
 
