@@ -9,7 +9,8 @@ T*B rows, then every recurrent GEMM once per step), no elementwise work:
   the issue's "GEMM floor": the limit of any implementation that calls BLAS per product.
 * **kernel floor**: the same products through cellgen's own packed micro-kernel
   (:mod:`cellgen.runtime.gemm`), split over the same threads as the generated kernel (one
-  parallel region, a barrier after each product): the limit of the generated kernel itself.
+  parallel region; by batch rows, or by column panels with a barrier after each product:
+  ``gemm.split_rows``): the limit of the generated kernel itself.
 """
 
 from __future__ import annotations
@@ -74,29 +75,36 @@ def _blas_steps(a, w, c, steps, fn32):
 
 
 @njit(nogil=True)
-def _kernel_thread(q, nth, sync, fn, steps, a, wp, c, bias):
-    """Thread q of nth: ``c[i] = a[i] @ W[i]`` for each product i, ``steps`` times, each
-    product's panels split over the threads, a barrier after each (as the generated kernels)."""
-    if not _sync.rendezvous(sync, nth):
+def _kernel_thread(q, nth, sync, fn, steps, a, wp, c, bias, by_rows):
+    """Thread q of nth: ``c[i] = a[i] @ W[i]`` for each product i, ``steps`` times, split as
+    the generated kernels split them: its batch rows of every panel (``by_rows``, no
+    barrier) or its panels of every row, a barrier after each product."""
+    if not by_rows and not _sync.rendezvous(sync, nth):
         return
-    passed = 0
+    rows = a[0].shape[0]
+    r0 = q * rows // nth
+    r1 = (q + 1) * rows // nth
+    passed = np.int64(0)
     for _ in range(steps):
         for i in range(len(wp)):
             panels = wp[i].shape[0]
-            _gemm.gemm_panels(fn, c[i], a[i], wp[i], bias[i], q * panels // nth, (q + 1) * panels // nth, 0,
-                              a[i].shape[0])
-            passed = _sync.barrier(sync, nth, passed)
+            if by_rows:
+                _gemm.gemm_panels(fn, c[i], a[i], wp[i], bias[i], np.int64(0), panels, r0, r1)
+            else:
+                _gemm.gemm_panels(fn, c[i], a[i], wp[i], bias[i], q * panels // nth, (q + 1) * panels // nth,
+                                  np.int64(0), rows)
+                passed = _sync.barrier(sync, nth, passed)
 
 
 @njit(nogil=True, parallel=True)
-def _kernel_steps(fn, steps, a, wp, c, bias, nth):
+def _kernel_steps(fn, steps, a, wp, c, bias, nth, by_rows):
     """The recurrent products of ``steps`` steps in one parallel region (or on this thread)."""
     sync = np.zeros(_sync.SYNC_WORDS, dtype=np.int64)
     if nth > 1:
         for q in prange(nth):
-            _kernel_thread(np.int64(q), nth, sync, fn, steps, a, wp, c, bias)
+            _kernel_thread(np.int64(q), nth, sync, fn, steps, a, wp, c, bias, by_rows)
     if nth == 1 or _sync.called_off(sync):
-        _kernel_thread(np.int64(0), np.int64(1), sync, fn, steps, a, wp, c, bias)
+        _kernel_thread(np.int64(0), np.int64(1), sync, fn, steps, a, wp, c, bias, by_rows)
 
 
 def _operands(shape: tuple[int, int], rows: int, dtype, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -144,11 +152,12 @@ def kernel_floor(p: Products, dtype=np.float32, seed: int = 0) -> Callable[[], N
         c.append(np.empty((p.rows, wp[-1].shape[0] * wp[-1].shape[2]), dtype))
         bias.append(_gemm.pad_bias(None, shape[1], dtype))
     steps = (tuple(a), tuple(wp), tuple(c), tuple(bias))
+    by_rows = _gemm.split_rows(p.rows, nth)
 
     def run() -> None:
         if hoisted is not None:
             _gemm.matmul(hoisted[0], hoisted[1], hoisted[2])
         if p.recurrent:
-            _kernel_steps(_gemm.PANELS, p.max_time, *steps, nth)
+            _kernel_steps(_gemm.PANELS, p.max_time, *steps, nth, by_rows)
 
     return run

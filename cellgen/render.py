@@ -245,13 +245,14 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
         scan_text = "\n".join([*views, *(f"{lp.domain}\n{lp.body}" for lp in (*loops, *scan_masked))])
         # a thread of the step loop takes only what it uses: every argument of the parallel
         # function costs Numba's parfor lowering time (~35 ms each)
-        step_text = "\n".join([*views, "out b_zero gemm_fn", *(f"{s} {s}_new" for s in double_buffered),
+        step_text = "\n".join([*views, "out b_zero gemm_fn by_rows", *(f"{s} {s}_new" for s in double_buffered),
                                 "pre xs w_in b_in blocked" if step_hoisted else "",
                                 *(" ".join(i["params"]) if i["kind"] == "epilogue" else
                                   f"{i['operand']} {i['weight']} {i['result']}" for i in schedule)])
         kernels.append({"dtype": dtype, "schedule": schedule, "loops": loops, "masked_loops": scan_masked,
                         "tanh": tanh, "scan": f"_scan_{dtype}",
-                        "step_params": _used([*step_args, "b_zero", "gemm_fn", *(["blocked"] if step_hoisted else [])],
+                        "step_params": _used([*step_args, "b_zero", "gemm_fn", *(["blocked"] if step_hoisted else []),
+                                              "by_rows"],
                                              step_text),
                         "scan_params": _used(["T", "lengths", *step_args], scan_text + "\nT lengths")})
     # the names differ between dtypes only in literals and helper names, never in parameters:

@@ -101,16 +101,23 @@ def test_bidirectional_matches_reference(name: str, backend: str, dtype) -> None
     assert_states_close(sbw, want_sbw, dtype)
 
 
-@pytest.mark.parametrize(("batch", "threads"), [(26, 1), (26, 2), (1, 2)])
+@pytest.mark.parametrize(("batch", "threads", "by_rows"), [(26, 1, False), (26, 2, False), (26, 2, True),
+                                                      (1, 2, False)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("name", ["basic_lstm", "gru", "lstm"])
-def test_step_loop_layouts_match_reference(name: str, dtype, batch: int, threads: int, monkeypatch) -> None:
+def test_step_loop_layouts_match_reference(name: str, dtype, batch: int, threads: int, by_rows: bool,
+                                           monkeypatch) -> None:
     """The step loop's layouts: the hoisted GEMM by blocks of steps (gemm.hoist_block) with
-    several blocks and a partial last one, on 1 and 2 threads, and one batch row split over
-    2 threads (GEMM panels split, one thread's epilogue rows empty); batch-major (rows of a
-    step strided) and time-major inputs."""
+    several blocks and a partial last one, on 1 and 2 threads, split by column panels or by
+    batch rows (gemm.split_rows), and one batch row split over 2 threads (GEMM panels split,
+    one thread's epilogue rows empty); batch-major (rows of a step strided) and time-major
+    inputs."""
     from cellgen.runtime import gemm
 
+    if threads == 2 and batch > 1:
+        assert gemm.split_rows(batch, 2)  # 26 rows: by rows unless told otherwise
+    if not by_rows:
+        monkeypatch.setattr(gemm, "split_rows", lambda rows, nth: False)
     m = module(name)
     steps = 11
     params, inputs, lengths, state = setup(name, dtype, batch=batch, steps=steps, seed=3)
