@@ -374,6 +374,16 @@ def _blocks(blocks) -> list[dict[str, str]]:
              "width": print_index(b.width)} for b in blocks]
 
 
+def _whole_block(blocks, rows: sympy.Expr, width: sympy.Expr) -> bool:
+    """One block that IS the fused weight: ``_pack`` returns a view of the parameter's rows
+    (the backends copy it once into their own layout) instead of zeroing and adding."""
+    if len(blocks) != 1:
+        return False
+    b = blocks[0]
+    return b.dest_row == 0 and b.dest_col == 0 and sympy.simplify(b.rows - rows) == 0 and \
+        sympy.simplify(b.width - width) == 0
+
+
 def context(plan: FusedPlan, spec_path: str, key: str) -> dict[str, Any]:
     """Everything ``templates/module.py.j2`` needs, as plain strings and ints."""
     from cellgen.render_cuda import cuda_context  # render_cuda builds on this module
@@ -383,10 +393,11 @@ def context(plan: FusedPlan, spec_path: str, key: str) -> dict[str, Any]:
     if plan.hoisted is not None:
         h = plan.hoisted
         hoisted = {"rows": print_index(h.rows), "width": print_index(h.width), "blocks": _blocks(h.blocks),
+                   "whole": _whole_block(h.blocks, h.rows, h.width),
                    "biases": [{"bias": b.bias, "dest_col": print_index(b.dest_col), "width": print_index(b.width)}
                               for b in h.biases], "delayed": h.delayed}
-    gemms = [{"rows": print_index(g.rows), "width": print_index(g.width), "blocks": _blocks(g.blocks)}
-             for g in plan.gemms]
+    gemms = [{"rows": print_index(g.rows), "width": print_index(g.width), "blocks": _blocks(g.blocks),
+              "whole": _whole_block(g.blocks, g.rows, g.width)} for g in plan.gemms]
     params = _params(plan)
     return {
         "version": __version__, "spec_path": spec_path, "key": key, "name": spec.name,
