@@ -159,7 +159,7 @@ def test_one_row_scan_split_by_units_matches_reference(name: str, dtype, monkeyp
     monkeypatch.setattr(gemm, "PARALLEL_WORK", 0)
     monkeypatch.setattr(gemm, "SCAN_BLOCK_BYTES", 0)
     packed = gemm.pack(m._pack(params, {"input_size": IN, "num_units": units})[0])
-    assert gemm.scan_unit_split(1, units, steps, packed, dtype) == (2, gemm.ROWS)
+    assert gemm.scan_unit_split(1, units, steps, packed) == (2, gemm.ROWS)
     want_out, want_state = ref.dynamic_rnn(name, params, inputs, lengths, state)
     out, final = m.dynamic_rnn(params, inputs, sequence_length=lengths, initial_state=state)
     assert_close(out, want_out, dtype)

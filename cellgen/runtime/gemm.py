@@ -360,7 +360,7 @@ def hoist_block(rows: int, nth: int, width: int, dtype) -> int:
 SCAN_BLOCK_BYTES = 1 << 19
 
 
-def scan_unit_split(rows: int, units: int, steps: int, wp: np.ndarray, dtype) -> tuple[int, int]:
+def scan_unit_split(rows: int, units: int, steps: int, wp: np.ndarray) -> tuple[int, int]:
     """``(nth, tb)`` of a one-row fused scan split by units, or ``(1, 0)``: it does not split.
 
     With one batch row a scan cannot split by rows. Each thread takes whole column panels of
@@ -372,7 +372,7 @@ def scan_unit_split(rows: int, units: int, steps: int, wp: np.ndarray, dtype) ->
     nth = min(int(get_num_threads()), units // pw)
     if rows != 1 or units % pw or nth < 2 or steps * k * panels * pw < PARALLEL_WORK:
         return 1, 0
-    row_bytes = panels * pw * np.dtype(dtype).itemsize // nth
+    row_bytes = panels * pw * wp.itemsize // nth
     return nth, max(ROWS, SCAN_BLOCK_BYTES // (2 * row_bytes) // ROWS * ROWS)
 
 
