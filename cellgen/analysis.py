@@ -35,6 +35,7 @@ from cellgen.plan import (
     RecurrentGemm,
     Store,
     WeightBlock,
+    hyper_name,
     new_state_array,
     param_array,
     state_array,
@@ -184,6 +185,8 @@ class _Analysis:
         for p in spec.params:
             table[p.symbol] = _at(param_array(p.name), j)
         table[spec.input.symbol] = _at(X, j)
+        for h in spec.hypers:  # a hyperparameter is a scalar kernel argument in its own namespace
+            table[h.symbol] = sympy.Symbol(hyper_name(h.name), real=True)
         return table
 
     def epilogues(self, gemms: list[RecurrentGemm], loads: dict[sympy.Symbol, sympy.Expr]) -> list[Epilogue]:

@@ -26,19 +26,42 @@ UNIT = sympy.Symbol("j", integer=True, nonnegative=True)
 PRE, PRE_PREV, X, X_PREV, OUT = "pre", "pre_prev", "x", "x_prev", "out"
 
 
+# -- the generated code's namespaces ----------------------------------------------------------
+# Every name a spec declares lives in generated code under a prefix of its kind, and no name of
+# the generator's own (``b``, ``j``, ``t``, ``out``, ``lengths``, ``np``, ``pre_t``, CSE
+# temporaries ``t0``...) starts with one of these prefixes: a spec name can never shadow a
+# kernel's variable, collide with an argument or with a name of another kind. The prefixes are
+# prefix-free (``s_`` / ``sn_`` differ in their second character), so the kinds cannot collide
+# with each other either; within a kind the names are the spec's (already unique) names.
+STATE_PREFIX, NEW_STATE_PREFIX, PARAM_PREFIX, HYPER_PREFIX, SIZE_PREFIX = "s_", "sn_", "p_", "hy_", "n_"
+
+
 def state_array(name: str) -> str:
     """The kernel array holding a state's value before the step."""
-    return f"s_{name}"
+    return f"{STATE_PREFIX}{name}"
 
 
 def new_state_array(name: str) -> str:
-    """The kernel array receiving a state's value after the step."""
-    return f"s_{name}_new"
+    """The kernel array receiving a state's value after the step (a double buffer)."""
+    return f"{NEW_STATE_PREFIX}{name}"
 
 
 def param_array(name: str) -> str:
-    """The kernel array of a parameter (``w_f_diag``, ``gates/bias`` -> ``p_gates_bias``)."""
-    return "p_" + "".join(ch if ch.isalnum() else "_" for ch in name)
+    """The kernel array of a parameter (``w_f_diag``, ``gates/bias`` -> ``p_gates_bias``).
+
+    Two parameter names that give one array name are rejected when the spec is validated.
+    """
+    return PARAM_PREFIX + "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
+def hyper_name(name: str) -> str:
+    """The kernel variable of a hyperparameter (``forget_bias`` -> ``hy_forget_bias``)."""
+    return f"{HYPER_PREFIX}{name}"
+
+
+def size_name(name: str) -> str:
+    """The kernel variable of a size (``num_units`` -> ``n_num_units``)."""
+    return f"{SIZE_PREFIX}{name}"
 
 
 @dataclass(frozen=True)
@@ -125,7 +148,13 @@ class Store:
 
 @dataclass(frozen=True)
 class Loop:
-    """One elementwise loop over ``domain`` units for every batch row."""
+    """One elementwise loop over ``domain`` units for every batch row.
+
+    At each (row, unit) a loop is a *parallel assignment*: every temp and every store's value
+    is read from the arrays as they were before the loop, then all stores are made. A store in
+    place (``s_h[j] = ...``) is therefore never read back as the old value by a later store of
+    the same loop; printers keep that order (read all values, then store).
+    """
 
     domain: sympy.Expr
     temps: tuple[tuple[sympy.Symbol, sympy.Expr], ...]
