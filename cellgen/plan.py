@@ -47,11 +47,31 @@ def new_state_array(name: str) -> str:
 
 
 def param_array(name: str) -> str:
-    """The kernel array of a parameter (``w_f_diag``, ``gates/bias`` -> ``p_gates_bias``).
+    """The readable kernel array name of a parameter (``w_f_diag``, ``gates/bias`` -> ``p_gates_bias``).
 
-    Two parameter names that give one array name are rejected when the spec is validated.
+    Not injective (``rec_bias`` and ``rec/bias``): kernels use :func:`param_arrays`.
     """
     return PARAM_PREFIX + "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
+def param_arrays(names) -> dict[str, str]:
+    """Each parameter name -> its kernel array, distinct for distinct names: the readable
+    :func:`param_array`, with ``_2``, ``_3``... appended to a later name that would collide.
+
+    >>> param_arrays(["rec_bias", "rec/bias", "w"])
+    {'rec_bias': 'p_rec_bias', 'rec/bias': 'p_rec_bias_2', 'w': 'p_w'}
+    """
+    arrays: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in dict.fromkeys(names):
+        base = candidate = param_array(name)
+        suffix = 1
+        while candidate in taken:
+            suffix += 1
+            candidate = f"{base}_{suffix}"
+        arrays[name] = candidate
+        taken.add(candidate)
+    return arrays
 
 
 def hyper_name(name: str) -> str:
@@ -191,6 +211,7 @@ class FusedPlan:
     uses_x: bool
     uses_x_prev: bool
     output_size: sympy.Expr
+    param_arrays: dict[str, str]  # every per-unit parameter's and bias's kernel array (param_arrays)
     double_buffered: tuple[str, ...] = ()  # states whose old value is read after the new one is stored
 
     @property

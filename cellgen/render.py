@@ -27,7 +27,6 @@ from cellgen.plan import (
     Loop,
     hyper_name,
     new_state_array,
-    param_array,
     size_name,
     state_array,
 )
@@ -238,7 +237,7 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
         args += [("w_in", "w_in"), ("b_in", "b_in")]
     args.append(("lengths", "lengths"))
     args += [(f"w_rec{g.stage}", f"w_rec[{g.stage}]") for g in plan.gemms]  # packed panels
-    args += [(param_array(n), f"params[{n!r}]") for n in (*plan.unit_params, *plan.epilogue_biases)]
+    args += [(plan.param_arrays[n], f"params[{n!r}]") for n in (*plan.unit_params, *plan.epilogue_biases)]
     args += [(hyper_name(h.name), f"dtype.type(hyper[{h.name!r}])") for h in spec.hypers]
     args += [(size_name(str(s)), f"sizes[{str(s)!r}]") for s in spec.all_sizes]
     names = list(spec.state(n).name for n in plan.recurrent_states)
@@ -373,7 +372,7 @@ def _scan_units(plan: FusedPlan, loops: list[LoopText], scan_params: list[str]) 
             if offset != 0 and not sympy.simplify(offset / domain).is_Integer:
                 return None
     states = [state_array(n) for n in plan.recurrent_states]
-    units_params = [param_array(n) for n in plan.unit_params]
+    units_params = [plan.param_arrays[n] for n in plan.unit_params]
     args, copies, first = [], [], None
     for name in scan_params:
         if name == PRE:

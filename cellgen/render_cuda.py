@@ -38,7 +38,6 @@ from cellgen.plan import (
     Store,
     hyper_name,
     new_state_array,
-    param_array,
     size_name,
     state_array,
 )
@@ -218,7 +217,7 @@ def _arg_order(plan: FusedPlan) -> list[tuple[str, str]]:
     args += [(f"w_rec{g.stage}", "array2") for g in plan.gemms]
     args += [(g.result, "array2") for g in plan.gemms]
     args += [(g.operand_buffer, "array2") for g in plan.gemms if g.operand_buffer is not None]
-    args += [(param_array(n), "array1") for n in (*plan.unit_params, *plan.epilogue_biases)]
+    args += [(plan.param_arrays[n], "array1") for n in (*plan.unit_params, *plan.epilogue_biases)]
     args += [(hyper_name(h.name), "real") for h in spec.hypers]
     args += [(size_name(str(s)), "int") for s in spec.all_sizes]
     args += [(state_array(n), "array2") for n in plan.recurrent_states]
@@ -389,7 +388,7 @@ def cuda_context(plan: FusedPlan) -> dict[str, Any]:
         "recurrent_states": [{"array": state_array(n), "index": state_names.index(n)} for n in gpu.recurrent_states],
         "double_buffered": [{"old": state_array(n), "new": new_state_array(n)} for n in k.double_buffered],
         "buffers": buffers,
-        "unit_params": [{"array": param_array(n), "name": n} for n in (*gpu.unit_params, *gpu.epilogue_biases)],
+        "unit_params": [{"array": gpu.param_arrays[n], "name": n} for n in (*gpu.unit_params, *gpu.epilogue_biases)],
         "hypers": [{"name": h.name, "kernel": hyper_name(h.name)} for h in plan.spec.hypers],
         "delay_index": delay_index,
         "delayed": bool(plan.hoisted is not None and plan.hoisted.delayed),
