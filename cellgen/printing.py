@@ -75,16 +75,20 @@ def _horner(coefficients: tuple[float, ...], v: sympy.Symbol) -> sympy.Expr:
 
 
 def rational_tanh(x: sympy.Symbol) -> tuple[list[tuple[sympy.Symbol, sympy.Expr]], sympy.Expr]:
-    """tanh(x) as assignments (clamp, square) and a result: a rational polynomial, no exp, no branch.
+    """tanh(x) as assignments (clamp, square, polynomial) and a result: no exp, no branch (selects).
+
+    The clamp propagates NaN (NumbaPrinter._nest); beyond the clamp the result is exactly +-1,
+    as float32 ``np.tanh`` of a large argument is, so that ``sigmoid(-inf) * inf`` is NaN in the
+    kernels as in the reference, not a tiny number times inf.
 
     >>> steps, result = rational_tanh(sympy.Symbol("x"))
     >>> [str(s) for s, _ in steps]
-    ['x', 'x2']
+    ['x', 'x', 'x2', 'x_r']
     """
-    x2 = sympy.Symbol(f"{x.name}2")
-    # NaN-propagating clamp (NumbaPrinter._nest): tanh(NaN) is NaN, tanh(+-inf) is +-1
-    steps = [(x, sympy.Max(x, -TANH_CLAMP)), (x, sympy.Min(x, TANH_CLAMP)), (x2, x * x)]
-    return steps, x * _horner(TANH_P, x2) / _horner(TANH_Q, x2)
+    x2, r = sympy.Symbol(f"{x.name}2"), sympy.Symbol(f"{x.name}_r")
+    steps = [(x, sympy.Max(x, -TANH_CLAMP)), (x, sympy.Min(x, TANH_CLAMP)), (x2, x * x),
+             (r, x * _horner(TANH_P, x2) / _horner(TANH_Q, x2))]
+    return steps, sympy.Piecewise((1, x >= TANH_CLAMP), (-1, x <= -TANH_CLAMP), (r, True))
 
 
 class NumbaPrinter(PythonCodePrinter):

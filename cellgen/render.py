@@ -91,7 +91,7 @@ class KernelPrinter:
         temps, store_values = atomic_minmax(loop.temps, [s.value for s in loop.stores], lambda: next(names))
         lines = [f"{p.doprint(sym)} = {p.doprint(expr)}" for sym, expr in temps]
         values = []
-        for k, (store, expr) in enumerate(zip(loop.stores, store_values, strict=True)):
+        for k, expr in enumerate(store_values):
             value = p.doprint(expr)
             if isinstance(expr, sympy.Symbol):  # a temporary: already read before any store
                 values.append(value)
@@ -301,7 +301,8 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
         scan_text = "\n".join([*views, *(f"{lp.domain}\n{lp.body}" for lp in (*loops, *scan_masked))])
         # a thread of the step loop takes only what it uses: every argument of the parallel
         # function costs Numba's parfor lowering time (~35 ms each)
-        step_text = "\n".join([*views, "out b_zero gemm_fn by_rows", *(f"{s['old']} {s['new']}" for s in double_buffered),
+        step_text = "\n".join([*views, "out b_zero gemm_fn by_rows",
+                                *(f"{s['old']} {s['new']}" for s in double_buffered),
                                 "pre xs w_in b_in blocked" if step_hoisted else "",
                                 *(" ".join(i["params"]) if i["kind"] == "epilogue" else
                                   f"{i['operand']} {i['weight']} {i['result']}" for i in schedule)])
