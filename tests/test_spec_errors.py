@@ -220,7 +220,7 @@ CASES: dict[str, tuple[str, str, str]] = {
         g = cell.linear([x, h], gates=("a b",), kernel="kernel")  # <-
         cell.update(h, tanh(g))
         cell.output(h)
-        """, "spec", "gate name 'a b' must be a Python identifier"),
+        """, "linear 'kernel'", "gate name 'a b' must be a Python identifier"),
     "undeclared_size": ("""
         cell = Cell("broken")
         x = cell.input()
