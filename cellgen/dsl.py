@@ -18,15 +18,20 @@ TensorFlow's BasicLSTMCell::
     cell.update(h, new_h)
     cell.output(new_h)
 
-The DSL only records declarations and where they were made (file and line);
-:mod:`cellgen.spec` validates them and freezes them into a ``CellSpec``.
+The DSL records declarations and where they were made (file and line) and checks
+only the type and form of each argument (:class:`DeclarationError`); :mod:`cellgen.spec`
+validates the declarations and freezes them into a ``CellSpec``. Every declared
+name is NFKC-normalised, as Python normalises identifiers, so ``H`` and ``ℌ`` are
+one name.
 """
 
 from __future__ import annotations
 
 import inspect
+import keyword
 import math
 import os
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -42,6 +47,26 @@ __all__ = [
 INPUT_SIZE = sympy.Symbol("input_size", positive=True, integer=True)
 #: The size every state and gate has unless declared otherwise (TF's ``num_units``).
 NUM_UNITS = sympy.Symbol("num_units", positive=True, integer=True)
+#: The named initialisers of ``cell.param(init=...)`` (``cellgen.runtime.params.init_params``);
+#: any finite number is a constant initialiser.
+INITIALISERS = ("uniform", "glorot_uniform")
+
+#: Names a hyperparameter or size cannot have: hyperparameters are ``**hyper`` keywords of
+#: dynamic_rnn / bidirectional_dynamic_rnn / cell, sizes ``**sizes`` keywords of init_params /
+#: zero_state / param_shapes / state_size / output_size, next to these named arguments.
+RESERVED: dict[str, tuple[str, ...]] = {
+    "hyper": ("backend", "initial_state", "initial_state_bw", "initial_state_fw", "inputs", "params",
+              "params_bw", "params_fw", "sequence_length", "state", "time_major"),
+    "size": ("batch_size", "dtype", "input_size", "num_units", "seed", "sizes"),
+}
+
+
+class DeclarationError(ValueError):
+    """A DSL call with an argument of the wrong type or form; ``gate`` names the declaration."""
+
+    def __init__(self, gate: str, message: str) -> None:
+        self.gate, self.message = gate, message
+        super().__init__(f"{gate}: {message}")
 
 
 class sigmoid(sympy.Function):  # noqa: N801 - named like the math function it is
@@ -67,6 +92,15 @@ class Where:
     line: int
 
 
+@dataclass(frozen=True)
+class NameDecl:
+    """One declared name (a vector, hyperparameter or size), in declaration order."""
+
+    name: str
+    kind: str
+    where: Where
+
+
 @dataclass
 class VectorDecl:
     """A named vector of the cell: the input, a state, a per-unit parameter or a gate."""
@@ -75,7 +109,7 @@ class VectorDecl:
     kind: str  # "input" | "state" | "param" | "gate" | "new"
     size: sympy.Expr
     where: Where
-    init: float | str = 0.0  # for "param": constant or "uniform"
+    init: float | str = 0.0  # for "param": constant or one of INITIALISERS
     state: str | None = None  # for "new": the state whose updated value this is
 
 
@@ -123,16 +157,24 @@ class Cell:
     updates: list[UpdateDecl] = field(default_factory=list)
     outputs: list[tuple[sympy.Expr, Where]] = field(default_factory=list)
     created_at: Where | None = None
+    #: every declared name in order, duplicates included (the validator reports them)
+    declared: list[NameDecl] = field(default_factory=list)
+    #: ``cell.updated(s)``: state name -> a symbol of its own (a Dummy: no spec name can equal it)
+    new_values: dict[str, VectorDecl] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.created_at = _caller()
+        self.name = _check_identifier(self.name, "cell", gate="Cell")
+        if not isinstance(self.doc, str):
+            raise DeclarationError("Cell", f"doc must be a str, got {type(self.doc).__name__}")
 
     # -- sizes ---------------------------------------------------------------------
     def size(self, name: str) -> sympy.Symbol:
         """Declare an extra size (e.g. ``num_proj``), given by keyword at call time."""
-        _check_identifier(name, "size")
+        name = _check_identifier(name, "size")
         sym = sympy.Symbol(name, positive=True, integer=True)
-        self.sizes[name] = sym
+        self.declared.append(NameDecl(name, "size", _caller()))
+        self.sizes.setdefault(name, sym)
         return sym
 
     # -- vectors -------------------------------------------------------------------
@@ -146,24 +188,28 @@ class Cell:
 
     def param(self, name: str, size: sympy.Expr = NUM_UNITS, init: float | str = "uniform") -> sympy.Symbol:
         """A per-unit parameter vector (e.g. a peephole diagonal ``w_f_diag``)."""
-        return self._vector(name, "param", size, init=init)
+        return self._vector(name, "param", size, init=_check_init(init, f"param {name}"))
 
     def hyper(self, name: str, default: float) -> sympy.Symbol:
         """A scalar hyperparameter given by keyword at call time (``math.inf`` disables a clip)."""
-        _check_identifier(name, "hyper")
+        name = _check_identifier(name, "hyper")
         sym = sympy.Symbol(name, real=True)
-        self.hypers[name] = HyperDecl(sym, float(default), _caller())
+        where = _caller()
+        self.declared.append(NameDecl(name, "hyper", where))
+        self.hypers.setdefault(name, HyperDecl(sym, _check_number(default, f"hyper {name}", "default"), where))
         return sym
 
     def updated(self, state: sympy.Symbol) -> sympy.Symbol:
         """The value ``state`` has *after* the step (resolved from its ``update``)."""
-        name = f"{state}__new"
-        if name not in self.vectors:
-            decl = self.vectors.get(str(state))
+        if not isinstance(state, sympy.Symbol):
+            raise DeclarationError("updated", f"expects a state symbol, got {type(state).__name__} {state}")
+        name = str(state)
+        if name not in self.new_values:
+            decl = self.vectors.get(name)
             size = decl.size if decl is not None else NUM_UNITS
-            self.vectors[name] = VectorDecl(sympy.Symbol(name, real=True), "new", size, _caller(),
-                                            state=str(state))
-        return self.vectors[name].symbol
+            self.new_values[name] = VectorDecl(sympy.Dummy(f"updated({name})", real=True), "new", size,
+                                               _caller(), state=name)
+        return self.new_values[name].symbol
 
     def linear(
         self,
@@ -182,15 +228,15 @@ class Cell:
         symbol per gate (a single symbol when there is one gate).
         """
         where = _caller()
-        if isinstance(gates, int):
-            names = [f"{_identifier(kernel)}_{k}" for k in range(gates)] if gates > 1 else [_identifier(kernel)]
-        else:
-            names = list(gates)
-        symbols = []
-        for gname in names:
-            symbols.append(self._vector(gname, "gate", size, where=where))
-        self.linears.append(LinearDecl(kernel, bias, float(bias_init), tuple(sympy.sympify(o) for o in operands),
-                                       tuple(symbols), size, where))
+        label = f"linear {kernel!r}"
+        _check_param_name(kernel, label, "kernel")
+        if bias is not None:
+            _check_param_name(bias, label, "bias")
+        bias_init = _check_number(bias_init, label, "bias_init", finite=True)
+        names = _gate_names(gates, kernel, label)
+        symbols = [self._vector(gname, "gate", size, where=where) for gname in names]
+        self.linears.append(LinearDecl(kernel, bias, bias_init, _operands(operands, label), tuple(symbols),
+                                       sympy.sympify(size), where))
         return symbols[0] if len(symbols) == 1 else tuple(symbols)
 
     # -- the step's results --------------------------------------------------------
@@ -205,14 +251,11 @@ class Cell:
     # -- helpers -------------------------------------------------------------------
     def _vector(self, name: str, kind: str, size: sympy.Expr, *, init: float | str = 0.0,
                 where: Where | None = None) -> sympy.Symbol:
-        _check_identifier(name, kind)
+        name = _check_identifier(name, kind)
         sym = sympy.Symbol(name, real=True)
-        decl = VectorDecl(sym, kind, sympy.sympify(size), where or _caller(), init=init)
-        if name in self.vectors or name in self.hypers:
-            decl.kind = "duplicate:" + kind
-            self.vectors[name + "#dup"] = decl
-        else:
-            self.vectors[name] = decl
+        where = where or _caller()
+        self.declared.append(NameDecl(name, kind, where))
+        self.vectors.setdefault(name, VectorDecl(sym, kind, sympy.sympify(size), where, init=init))
         return sym
 
 
@@ -238,9 +281,83 @@ def _identifier(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name)
 
 
-def _check_identifier(name: str, what: str) -> None:
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"{what} name {name!r} must be a Python identifier")
+def _check_identifier(name: object, what: str, gate: str | None = None) -> str:
+    """``name`` NFKC-normalised (as Python reads identifiers); it must be an identifier.
+
+    ``gate`` (default ``"<what> <name>"``) names the declaration in the error.
+    """
+    gate = gate or (f"{what} {name}" if isinstance(name, str) else what)
+    if not isinstance(name, str):
+        raise DeclarationError(gate, f"{what} name must be a str, got {type(name).__name__} {name!r}")
+    normal = unicodedata.normalize("NFKC", name)
+    if not normal.isidentifier():
+        hint = " (it names the generated module <name>.py)" if what == "cell" else ""
+        raise DeclarationError(gate, f"{what} name {name!r} must be a Python identifier{hint}")
+    if what == "cell" and (keyword.iskeyword(normal) or normal.startswith("__")):
+        raise DeclarationError(gate, f"cell name {name!r} cannot name a module "
+                               "(a Python keyword or a dunder name such as __init__)")
+    if what == "state" and (keyword.iskeyword(normal) or normal.startswith("_")):
+        raise DeclarationError(gate, f"state name {name!r} cannot be a field of the State namedtuple "
+                               "(a Python keyword or a name starting with '_')")
+    reserved = RESERVED.get(what, ())
+    if normal in reserved:
+        raise DeclarationError(gate, f"{what} name {name!r} is a keyword argument of the generated "
+                               f"functions; reserved {what} names: {', '.join(reserved)}")
+    return normal
+
+
+def _check_param_name(name: object, label: str, what: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise DeclarationError(label, f"{what}= must be a non-empty str (the parameter's name), "
+                               f"got {type(name).__name__} {name!r}")
+
+
+def _check_number(value: object, label: str, what: str, *, finite: bool = False) -> float:
+    """A real number (not a bool or str); ``finite``: neither inf nor nan."""
+    try:
+        if isinstance(value, str | bytes | bool):
+            raise TypeError
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise DeclarationError(label, f"{what} must be a real number, got {type(value).__name__} {value!r}") \
+            from None
+    if finite and not math.isfinite(number):
+        raise DeclarationError(label, f"{what} must be finite, got {number!r} "
+                               "(every output would be inf or nan from the first step)")
+    return number
+
+
+def _check_init(init: object, label: str) -> float | str:
+    if isinstance(init, str):
+        if init not in INITIALISERS:
+            raise DeclarationError(label, f"init {init!r} is not an initialiser; use a finite number or one of "
+                                   + ", ".join(map(repr, INITIALISERS)))
+        return init
+    return _check_number(init, label, "init", finite=True)
+
+
+def _gate_names(gates: object, kernel: str, label: str) -> list[str]:
+    """The gate names of a linear: ``gates`` is a count or a sequence of names (never one str)."""
+    if isinstance(gates, str):
+        raise DeclarationError(label, f"gates={gates!r} is a str; for one gate named {gates!r} write "
+                               f"gates=({gates!r},), or pass a tuple of names or a count")
+    if isinstance(gates, int) and not isinstance(gates, bool):
+        if gates < 1:
+            raise DeclarationError(label, f"gates={gates} must be at least 1")
+        base = _identifier(kernel)
+        return [f"{base}_{k}" for k in range(gates)] if gates > 1 else [base]
+    if not isinstance(gates, Sequence) or not gates:
+        raise DeclarationError(label, f"gates must be a count or a non-empty tuple of names, got {gates!r}")
+    return [_check_identifier(g, "gate", gate=label) for g in gates]
+
+
+def _operands(operands: object, label: str) -> tuple[sympy.Expr, ...]:
+    if isinstance(operands, sympy.Basic) or not isinstance(operands, Sequence):
+        raise DeclarationError(label, f"operands must be a list of vector expressions ([x, h]), got {operands!r}")
+    try:
+        return tuple(sympy.sympify(o, strict=True) for o in operands)
+    except sympy.SympifyError as err:
+        raise DeclarationError(label, f"an operand is not a SymPy expression: {err.expr!r}") from None
 
 
 INF = math.inf

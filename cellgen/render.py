@@ -8,6 +8,7 @@ in ``templates/``.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -441,6 +442,20 @@ def _whole_block(blocks, rows: sympy.Expr, width: sympy.Expr) -> bool:
         sympy.simplify(b.width - width) == 0
 
 
+def _docstring_text(text: str) -> str:
+    """``text`` escaped for a ``\"\"\"`` docstring: quotes, backslashes and unprintable characters."""
+    return "".join("\\" + ch if ch in '\\"' else ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def _float_literal(value: float) -> str:
+    """A float as Python source the module can run (``math`` is imported there): inf and nan too."""
+    if math.isnan(value):
+        return "math.nan"
+    if math.isinf(value):
+        return "math.inf" if value > 0 else "-math.inf"
+    return repr(value)
+
+
 def context(plan: FusedPlan, spec_path: str, key: str) -> dict[str, Any]:
     """Everything ``templates/module.py.j2`` needs, as plain strings and ints."""
     from cellgen.render_cuda import cuda_context  # render_cuda builds on this module
@@ -458,12 +473,11 @@ def context(plan: FusedPlan, spec_path: str, key: str) -> dict[str, Any]:
     params = _params(plan)
     return {
         "version": __version__, "spec_path": spec_path, "key": key, "name": spec.name,
-        "summary": (spec.doc.strip().splitlines() or [spec.name])[0],
+        "summary": _docstring_text((spec.doc.strip().splitlines() or [spec.name])[0]),
         "states": [{"name": s.name, "size": print_index(s.size), "delay": s.name in plan.delay_states}
                    for s in spec.states],
         "sizes": [str(s) for s in spec.sizes],
-        "hypers": [{"name": h.name, "default": repr(h.default) if h.default not in (float("inf"), float("-inf"))
-                    else ("math.inf" if h.default > 0 else "-math.inf")} for h in spec.hypers],
+        "hypers": [{"name": h.name, "default": _float_literal(h.default)} for h in spec.hypers],
         "delay_states": list(plan.delay_states),
         "params": params, "first_param": params[0]["name"] if params else "",
         "sizes_for_params": _take_sizes([str(s) for s in spec.sizes], ("input_size", "num_units")),

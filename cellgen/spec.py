@@ -7,15 +7,24 @@ line and exit non-zero without a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import runpy
+import signal
+import threading
+import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sympy
 
 from cellgen import dsl
-from cellgen.dsl import INPUT_SIZE, NUM_UNITS, Cell, Where
+from cellgen.dsl import INPUT_SIZE, NUM_UNITS, Cell, DeclarationError, Where
+
+#: Seconds a spec file may run before ``load_spec`` stops it (``cellgen ... --timeout``; 0: no limit).
+DEFAULT_TIMEOUT = 60.0
 
 #: Functions a spec may use; everything is applied elementwise.
 ELEMENTWISE_FUNCTIONS: tuple[type, ...] = (
@@ -27,6 +36,7 @@ class SpecError(Exception):
     """A broken spec: names the file, the line and the gate."""
 
     def __init__(self, path: str | Path, line: int, gate: str, message: str) -> None:
+        message = " ".join(str(message).split()) if "\n" in str(message) else str(message)  # always ONE line
         self.path, self.line, self.gate, self.message = str(path), line, gate, message
         super().__init__(f"{path}:{line}: {gate}: {message}")
 
@@ -96,6 +106,7 @@ class CellSpec:
     updates: tuple[tuple[str, sympy.Expr, int], ...]  # (state, expr over old values, line), state order
     output: sympy.Expr
     output_line: int
+    line: int = 0  # the spec line of ``Cell(...)``
 
     def state(self, name: str) -> Vector:
         return next(s for s in self.states if s.name == name)
@@ -113,23 +124,68 @@ class CellSpec:
         return found.pop() if found else None
 
 
-def load_spec(path: str | Path) -> CellSpec:
-    """Run the spec file and validate the one ``Cell`` it builds."""
+def load_spec(path: str | Path, timeout: float | None = DEFAULT_TIMEOUT) -> CellSpec:
+    """Run the spec file (for at most ``timeout`` seconds) and validate the one ``Cell`` it builds.
+
+    A spec file is trusted Python run with the user's rights (docs/dsl.md, "Trust model");
+    whatever it raises, ``sys.exit`` included, becomes a SpecError. Only KeyboardInterrupt
+    passes through.
+    """
     path = Path(path)
     if not path.is_file():
         raise SpecError(path, 0, "spec", "no such spec file")
-    try:
-        namespace = runpy.run_path(str(path), run_name=f"cellgen_spec_{path.stem}")
-    except SpecError:
-        raise
-    except Exception as exc:  # a Python error inside the spec file
-        raise SpecError(path, _spec_line(exc, path), "spec", f"{type(exc).__name__}: {exc}") from None
-    cells = [v for v in namespace.values() if isinstance(v, Cell)]
+    namespace = _run_spec(path, timeout)
+    cells = list({id(v): v for v in namespace.values() if isinstance(v, Cell)}.values())  # `alias = cell` is one
     if len(cells) != 1:
         where = cells[1].created_at if len(cells) > 1 else None
         line = where.line if where is not None and Path(where.path) == path else 1
         raise SpecError(path, line, "spec", f"must build exactly one cellgen.dsl.Cell, found {len(cells)}")
     return validate(cells[0], path)
+
+
+class _SpecTimeout(BaseException):
+    """Raised in the spec file's frame when it ran past its time (a BaseException: `except Exception` can't eat it)."""
+
+
+def _run_spec(path: Path, timeout: float | None) -> dict[str, Any]:
+    """The spec file's namespace; every way it can fail is a SpecError (KeyboardInterrupt aside)."""
+    try:
+        with _time_limit(timeout):
+            return runpy.run_path(str(path), run_name=f"cellgen_spec_{path.stem}")
+    except (SpecError, KeyboardInterrupt):
+        raise
+    except _SpecTimeout as exc:
+        raise SpecError(path, _spec_line(exc, path), "spec", f"did not finish within {timeout:g} s "
+                        "(stopped there; raise the limit with --timeout SECONDS, 0 = none)") from None
+    except DeclarationError as exc:  # a DSL call with a bad argument
+        raise SpecError(path, _spec_line(exc, path), exc.gate, exc.message) from None
+    except SystemExit as exc:
+        raise SpecError(path, _spec_line(exc, path), "spec",
+                        f"spec called sys.exit({exc.code!r}); a spec file must run to its end") from None
+    except BaseException as exc:  # a Python error inside the spec file
+        raise SpecError(path, _spec_line(exc, path), "spec", f"{type(exc).__name__}: {exc}") from None
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise _SpecTimeout after ``seconds`` (POSIX, main thread); elsewhere, or for 0/None, no limit."""
+    if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise _SpecTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    started = time.monotonic()
+    outer, interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer > 0:  # someone else's timer was running: give it back what is left of it
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - started), 1e-6), interval)
 
 
 def _spec_line(exc: BaseException, path: Path) -> int:
@@ -145,26 +201,36 @@ class _Validator:
     def __init__(self, cell: Cell, path: Path) -> None:
         self.cell, self.path = cell, path
         self.sizes = {INPUT_SIZE, NUM_UNITS, *cell.sizes.values()}
-        self.vectors = {d.symbol: d for d in cell.vectors.values() if d.kind in ("input", "state", "param", "gate")}
+        self.vectors = {d.symbol: d for d in cell.vectors.values()}
         self.hypers = {h.symbol for h in cell.hypers.values()}
+        self._news: dict[sympy.Symbol, sympy.Expr] = {}
 
     def fail(self, where: Where | None, gate: str, message: str) -> SpecError:
         line = where.line if where is not None and Path(where.path) == self.path else 0
         return SpecError(self.path, line, gate, message)
 
     def check_declarations(self) -> None:
+        self.check_unique_names()
         for key, decl in self.cell.vectors.items():
-            if key.endswith("#dup"):
-                raise self.fail(decl.where, str(decl.symbol), f"name {str(decl.symbol)!r} is declared twice")
-            if decl.kind != "new" and not self._is_size(decl.size):
+            if not self._is_size(decl.size):
                 raise self.fail(decl.where, key, f"size {decl.size} is not a declared size ({self._size_names()})")
-        inputs = [d for d in self.cell.vectors.values() if d.kind == "input"]
+        inputs = [d for d in self.cell.declared if d.kind == "input"]
         if len(inputs) != 1:
             where = inputs[1].where if inputs else self.cell.created_at
             raise self.fail(where, "input", f"a cell has exactly one input, found {len(inputs)}")
-        for name, hyp in self.cell.hypers.items():
-            if name in self.cell.vectors:
-                raise self.fail(hyp.where, name, f"name {name!r} is declared twice")
+
+    def check_unique_names(self) -> None:
+        """One namespace for vectors, gates, hypers and sizes (NFKC-normalised by the DSL)."""
+        first: dict[str, dsl.NameDecl] = {}
+        for decl in self.cell.declared:
+            if decl.name in (str(INPUT_SIZE), str(NUM_UNITS)) and decl.kind != "size":
+                raise self.fail(decl.where, decl.name, f"name {decl.name!r} is the name of a size")
+            if decl.name in first:
+                old = first[decl.name]
+                where = f" on line {old.where.line}" if Path(old.where.path) == self.path else ""
+                raise self.fail(decl.where, decl.name, f"name {decl.name!r} is declared twice "
+                                f"(first as a {old.kind}{where})")
+            first[decl.name] = decl
 
     def _is_size(self, size: sympy.Expr) -> bool:
         return size in self.sizes
@@ -203,16 +269,20 @@ class _Validator:
         return sizes.pop() if sizes else None
 
     def check_linears(self) -> list[Linear]:
+        """Each linear's operands (``cell.updated`` resolved) and parameter names; gates are checked later."""
         linears: list[Linear] = []
-        names: dict[str, str] = {}
+        # parameter names are the params dict's keys: kernels, biases and per-unit params; a gate
+        # may share its kernel's name (the default gates=1 names the gate after the kernel)
+        names = {str(d.symbol): f"param {d.symbol}" for d in self.cell.vectors.values() if d.kind == "param"}
         for lin in self.cell.linears:
             label = f"linear {lin.kernel!r}"
             if not lin.operands:
                 raise self.fail(lin.where, label, "needs at least one operand")
             if not self._is_size(lin.gate_size):
                 raise self.fail(lin.where, label, f"gate size {lin.gate_size} is not a declared size")
+            operands = tuple(self.substitute_new(o) for o in lin.operands)
             sizes = []
-            for k, operand in enumerate(lin.operands):
+            for k, operand in enumerate(operands):
                 size = self.expr_size(operand, lin.where, label)
                 if size is None:
                     raise self.fail(lin.where, label, f"operand {k} ({operand}) is a scalar, expected a vector")
@@ -220,10 +290,10 @@ class _Validator:
             for pname in (lin.kernel, lin.bias):
                 if pname is None:
                     continue
-                if pname in names or pname in self.cell.vectors:
-                    raise self.fail(lin.where, label, f"parameter name {pname!r} is already used")
+                if pname in names:
+                    raise self.fail(lin.where, label, f"parameter name {pname!r} is already used by {names[pname]}")
                 names[pname] = label
-            linears.append(Linear(lin.kernel, lin.bias, lin.bias_init, lin.operands, tuple(sizes), lin.gates,
+            linears.append(Linear(lin.kernel, lin.bias, lin.bias_init, operands, tuple(sizes), lin.gates,
                                   lin.gate_size, lin.where.line))
         return linears
 
@@ -246,11 +316,10 @@ class _Validator:
 
     def resolve_new_values(self, updates: dict[str, tuple[sympy.Expr, Where]]) -> dict[str, sympy.Expr]:
         """Replace every ``cell.updated(s)`` by s's update expression; reject cycles."""
-        news = {d.symbol: d.state for d in self.cell.vectors.values() if d.kind == "new"}
-        for sym, state in news.items():
-            if state not in updates:
-                decl = self.cell.vectors[str(sym)]
-                raise self.fail(decl.where, f"updated({state})", f"{state} is not an updated state")
+        news = {d.symbol: d.state for d in self.cell.new_values.values()}
+        for decl in self.cell.new_values.values():
+            if decl.state not in updates:
+                raise self.fail(decl.where, f"updated({decl.state})", f"{decl.state} is not an updated state")
         resolved: dict[str, sympy.Expr] = {}
 
         def resolve(state: str, trail: tuple[str, ...]) -> sympy.Expr:
@@ -302,9 +371,7 @@ def validate(cell: Cell, path: str | Path) -> CellSpec:
     v.check_declarations()
     updates = v.check_updates()
     resolved = v.resolve_new_values(updates)
-    raw = v.check_linears()
-    linears = [Linear(lin.kernel, lin.bias, lin.bias_init, tuple(v.substitute_new(o) for o in lin.operands),
-                      lin.operand_sizes, lin.gates, lin.gate_size, lin.line) for lin in raw]
+    linears = v.check_linears()
     v.check_gate_order(linears)
     decls = cell.vectors
     for name, expr in resolved.items():
@@ -333,4 +400,5 @@ def validate(cell: Cell, path: str | Path) -> CellSpec:
         sizes=tuple(cell.sizes.values()), linears=tuple(linears),
         updates=tuple((s.name, resolved[s.name], updates[s.name][1].line) for s in states),
         output=out_expr, output_line=out_where.line,
+        line=cell.created_at.line if cell.created_at is not None else 0,
     )

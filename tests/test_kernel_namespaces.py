@@ -112,7 +112,7 @@ def test_a_state_copied_from_an_updated_state_takes_its_old_value(tmp_path: Path
 
 #: Hyperparameter names the generated code once used for itself (loop variables, arguments,
 #: modules, views), each with its own value so that a shadowed one changes the numbers.
-GENERATOR_NAMES = ("b", "j", "t", "T", "B", "out", "lengths", "num_units", "np", "math", "pre_t", "x_t", "xs",
+GENERATOR_NAMES = ("b", "j", "t", "T", "B", "out", "lengths", "np", "math", "pre_t", "x_t", "xs",
                    "w_in", "sizes", "dtype", "t0", "_v0", "s_h", "hy_a", "n_num_units", "lambda", "class")
 
 
