@@ -749,6 +749,12 @@ def check_spec(fz: FuzzSpec, folder: Path, dtypes: Sequence[Any] = (np.float64, 
                 assert_close(f"{label} final state {s!r}", got, want, dtype)
 
 
+def from_text(text: str, *, sizes: Mapping[str, int] | None = None, hyper: Mapping[str, float | None] | None = None,
+              input_size: int = INPUT_SIZE, num_units: int = NUM_UNITS, seed: int = 0) -> FuzzSpec:
+    """A hand-written (or shrunk) spec text as a FuzzSpec, for :func:`check_spec`."""
+    return FuzzSpec(text, frozenset(), dict(sizes or {}), input_size, num_units, dict(hyper or {}), seed)
+
+
 def degenerate(path: Path) -> bool:
     """True when SymPy simplified an operand or the output into a scalar (h - h): not a legal spec."""
     cell = load_cell(path)
@@ -761,5 +767,5 @@ def degenerate(path: Path) -> bool:
     return not all(is_vector(e) for e in exprs)
 
 
-__all__ = ["CLASSES", "Evaluator", "FuzzSpec", "assert_close", "build_spec", "check_spec", "degenerate",
+__all__ = ["CLASSES", "Evaluator", "FuzzSpec", "assert_close", "build_spec", "check_spec", "degenerate", "from_text",
            "load_cell", "specs"]
