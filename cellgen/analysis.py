@@ -35,8 +35,9 @@ from cellgen.plan import (
     RecurrentGemm,
     Store,
     WeightBlock,
+    hyper_name,
     new_state_array,
-    param_array,
+    param_arrays,
     state_array,
 )
 from cellgen.spec import CellSpec, Linear, SpecError
@@ -56,6 +57,8 @@ class _Analysis:
                             f"states {', '.join(self.delays)} are all x_(t-1); keep one delay state")
         self.delay_symbols = {spec.state(n).symbol for n in self.delays}
         self.linear_of = {g: lin for lin in spec.linears for g in lin.gates}
+        self.param_arrays = param_arrays([*(p.name for p in spec.params),
+                                          *(lin.bias for lin in spec.linears if lin.bias is not None)])
         self.avail_cache: dict[sympy.Expr, int] = {}
         self.linear_stage: dict[str, int | None] = {}
         for lin in self._topological(spec.linears):
@@ -177,13 +180,15 @@ class _Analysis:
                     if kernel == lin.kernel:
                         terms.append(_at(f"rec{stage}", col + offset))
                 if lin.bias is not None and lin.kernel not in direct and lin.kernel not in delayed:
-                    terms.append(_at(param_array(lin.bias), offset))
+                    terms.append(_at(self.param_arrays[lin.bias], offset))
                 table[gate] = sympy.Add(*terms)
         for s in spec.states:
             table[s.symbol] = _at(X_PREV if s.name in self.delays else state_array(s.name), j)
         for p in spec.params:
-            table[p.symbol] = _at(param_array(p.name), j)
+            table[p.symbol] = _at(self.param_arrays[p.name], j)
         table[spec.input.symbol] = _at(X, j)
+        for h in spec.hypers:  # a hyperparameter is a scalar kernel argument in its own namespace
+            table[h.symbol] = sympy.Symbol(hyper_name(h.name), real=True)
         return table
 
     def epilogues(self, gemms: list[RecurrentGemm], loads: dict[sympy.Symbol, sympy.Expr]) -> list[Epilogue]:
@@ -247,15 +252,15 @@ def analyse(spec: CellSpec) -> FusedPlan:
                 for e in (store.value, store.target, store.masked):
                     if e is not None:
                         arrays.update(str(i.base) for i in e.atoms(sympy.Indexed))
-    unit_params = tuple(p.name for p in spec.params if param_array(p.name) in arrays)
+    unit_params = tuple(p.name for p in spec.params if a.param_arrays[p.name] in arrays)
     epilogue_biases = tuple(lin.bias for lin in spec.linears
-                            if lin.bias is not None and param_array(lin.bias) in arrays)
-    per_unit = {param_array(n) for n in (*unit_params, *epilogue_biases)}
+                            if lin.bias is not None and a.param_arrays[lin.bias] in arrays)
+    per_unit = {a.param_arrays[n] for n in (*unit_params, *epilogue_biases)}
     batched = tuple(sorted(arrays - per_unit))
     return FusedPlan(
         spec=spec, hoisted=hoisted, gemms=tuple(gemms), epilogues=tuple(epilogues),
         recurrent_states=tuple(s.name for s in spec.states if s.name not in a.delays),
         delay_states=a.delays, batched_arrays=batched, unit_params=unit_params,
         epilogue_biases=epilogue_biases, uses_x=X in arrays, uses_x_prev=X_PREV in arrays,
-        output_size=spec.size_of(spec.output),
+        output_size=spec.size_of(spec.output), param_arrays=a.param_arrays,
     )

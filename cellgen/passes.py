@@ -56,6 +56,9 @@ def eliminate_common_subexpressions(plan: FusedPlan) -> FusedPlan:
 def update_in_place(plan: FusedPlan) -> FusedPlan:
     """Store a state's new value over its old one when nothing reads the old value later.
 
+    "Later" is every loop after the one that stores it: within that loop every value is read
+    before any store is made (:class:`cellgen.plan.Loop`), so its own loop may read the old value.
+
     Every other state stays double-buffered (``s_h_new``, swapped after the step).
     Rows past their sequence length then need no copy: their in-place state is kept.
     """
@@ -72,18 +75,19 @@ def update_in_place(plan: FusedPlan) -> FusedPlan:
         if not any(old in reads(loop) for loop in loops[where + 1:]):
             in_place.add(name)
 
+    old_of = {new_state_array(name): state_array(name) for name in in_place}
+
     def loop_fn(loop: Loop) -> Loop:
         stores = []
         for s in loop.stores:
             name = str(s.target.base)
-            if name.startswith("s_") and name.endswith("_new") and name[2:-4] in in_place:
-                s = Store(sympy.Indexed(sympy.IndexedBase(name[:-4]), *s.target.indices), s.value, None)
+            if name in old_of:
+                s = Store(sympy.Indexed(sympy.IndexedBase(old_of[name]), *s.target.indices), s.value, None)
             stores.append(s)
         return dataclasses.replace(loop, stores=tuple(stores))
 
     plan = _map_stores(plan, loop_fn)
-    batched = tuple(a for a in plan.batched_arrays
-                    if not (a.startswith("s_") and a.endswith("_new") and a[2:-4] in in_place))
+    batched = tuple(a for a in plan.batched_arrays if a not in old_of)
     return dataclasses.replace(plan, batched_arrays=batched,
                                double_buffered=tuple(n for n in plan.recurrent_states if n not in in_place))
 

@@ -26,19 +26,62 @@ UNIT = sympy.Symbol("j", integer=True, nonnegative=True)
 PRE, PRE_PREV, X, X_PREV, OUT = "pre", "pre_prev", "x", "x_prev", "out"
 
 
+# -- the generated code's namespaces ----------------------------------------------------------
+# Every name a spec declares lives in generated code under a prefix of its kind, and no name of
+# the generator's own (``b``, ``j``, ``t``, ``out``, ``lengths``, ``np``, ``pre_t``, CSE
+# temporaries ``t0``...) starts with one of these prefixes: a spec name can never shadow a
+# kernel's variable, collide with an argument or with a name of another kind. The prefixes are
+# prefix-free (``s_`` / ``sn_`` differ in their second character), so the kinds cannot collide
+# with each other either; within a kind the names are the spec's (already unique) names.
+STATE_PREFIX, NEW_STATE_PREFIX, PARAM_PREFIX, HYPER_PREFIX, SIZE_PREFIX = "s_", "sn_", "p_", "hy_", "n_"
+
+
 def state_array(name: str) -> str:
     """The kernel array holding a state's value before the step."""
-    return f"s_{name}"
+    return f"{STATE_PREFIX}{name}"
 
 
 def new_state_array(name: str) -> str:
-    """The kernel array receiving a state's value after the step."""
-    return f"s_{name}_new"
+    """The kernel array receiving a state's value after the step (a double buffer)."""
+    return f"{NEW_STATE_PREFIX}{name}"
 
 
 def param_array(name: str) -> str:
-    """The kernel array of a parameter (``w_f_diag``, ``gates/bias`` -> ``p_gates_bias``)."""
-    return "p_" + "".join(ch if ch.isalnum() else "_" for ch in name)
+    """The readable kernel array name of a parameter (``w_f_diag``, ``gates/bias`` -> ``p_gates_bias``).
+
+    Not injective (``rec_bias`` and ``rec/bias``): kernels use :func:`param_arrays`.
+    """
+    return PARAM_PREFIX + "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
+def param_arrays(names) -> dict[str, str]:
+    """Each parameter name -> its kernel array, distinct for distinct names: the readable
+    :func:`param_array`, with ``_2``, ``_3``... appended to a later name that would collide.
+
+    >>> param_arrays(["rec_bias", "rec/bias", "w"])
+    {'rec_bias': 'p_rec_bias', 'rec/bias': 'p_rec_bias_2', 'w': 'p_w'}
+    """
+    arrays: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in dict.fromkeys(names):
+        base = candidate = param_array(name)
+        suffix = 1
+        while candidate in taken:
+            suffix += 1
+            candidate = f"{base}_{suffix}"
+        arrays[name] = candidate
+        taken.add(candidate)
+    return arrays
+
+
+def hyper_name(name: str) -> str:
+    """The kernel variable of a hyperparameter (``forget_bias`` -> ``hy_forget_bias``)."""
+    return f"{HYPER_PREFIX}{name}"
+
+
+def size_name(name: str) -> str:
+    """The kernel variable of a size (``num_units`` -> ``n_num_units``)."""
+    return f"{SIZE_PREFIX}{name}"
 
 
 @dataclass(frozen=True)
@@ -125,7 +168,13 @@ class Store:
 
 @dataclass(frozen=True)
 class Loop:
-    """One elementwise loop over ``domain`` units for every batch row."""
+    """One elementwise loop over ``domain`` units for every batch row.
+
+    At each (row, unit) a loop is a *parallel assignment*: every temp and every store's value
+    is read from the arrays as they were before the loop, then all stores are made. A store in
+    place (``s_h[j] = ...``) is therefore never read back as the old value by a later store of
+    the same loop; printers keep that order (read all values, then store).
+    """
 
     domain: sympy.Expr
     temps: tuple[tuple[sympy.Symbol, sympy.Expr], ...]
@@ -162,6 +211,7 @@ class FusedPlan:
     uses_x: bool
     uses_x_prev: bool
     output_size: sympy.Expr
+    param_arrays: dict[str, str]  # every per-unit parameter's and bias's kernel array (param_arrays)
     double_buffered: tuple[str, ...] = ()  # states whose old value is read after the new one is stored
 
     @property

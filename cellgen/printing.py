@@ -18,23 +18,45 @@ from sympy.printing.numpy import NumPyPrinter
 from sympy.printing.pycode import PythonCodePrinter
 
 from cellgen.dsl import sigmoid
+from cellgen.plan import UNIT, size_name
 
 DTYPES = {"float32": "np.float32", "float64": "np.float64"}
 
 
 class IndexPrinter(PythonCodePrinter):
-    """Integer arithmetic on sizes and the unit index: ``3*num_units + j``."""
+    """Integer arithmetic on sizes and the unit index: ``3*n_num_units + j``.
+
+    Sizes print as their kernel variables (:func:`cellgen.plan.size_name`) unless ``raw``
+    (for people: ``cellgen show``, messages); ``names`` overrides single symbols.
+    """
+
+    def __init__(self, raw: bool = False, names: dict[sympy.Symbol, str] | None = None) -> None:
+        super().__init__()
+        self.raw, self.names = raw, names or {}
 
     def _print_Integer(self, expr: sympy.Integer) -> str:
         return str(int(expr))
 
+    def _print_Symbol(self, expr: sympy.Symbol) -> str:
+        if expr in self.names:
+            return self.names[expr]
+        if expr == UNIT or self.raw:
+            return expr.name
+        return size_name(expr.name)
 
 
-def print_index(expr: sympy.Expr) -> str:
-    """>>> print_index(sympy.Symbol("num_units") * 3 + sympy.Symbol("j"))
-    'j + 3*num_units'
+def print_index(expr: sympy.Expr, names: dict[sympy.Symbol, str] | None = None) -> str:
+    """Index or size arithmetic as kernel code.
+
+    >>> print_index(sympy.Symbol("num_units", positive=True, integer=True) * 3 + UNIT)
+    'j + 3*n_num_units'
     """
-    return IndexPrinter().doprint(sympy.sympify(expr))
+    return IndexPrinter(names=names).doprint(sympy.sympify(expr))
+
+
+def display_index(expr: sympy.Expr) -> str:
+    """Size arithmetic for people, in the spec's own names: ``3*num_units``."""
+    return IndexPrinter(raw=True).doprint(sympy.sympify(expr))
 
 
 #: Eigen's float32 tanh: x*P(x^2)/Q(x^2) on x clamped to +-TANH_CLAMP, where float32 tanh is 1.
@@ -60,7 +82,8 @@ def rational_tanh(x: sympy.Symbol) -> tuple[list[tuple[sympy.Symbol, sympy.Expr]
     ['x', 'x2']
     """
     x2 = sympy.Symbol(f"{x.name}2")
-    steps = [(x, sympy.Min(sympy.Max(x, -TANH_CLAMP), TANH_CLAMP)), (x2, x * x)]
+    # NaN-propagating clamp (NumbaPrinter._nest): tanh(NaN) is NaN, tanh(+-inf) is +-1
+    steps = [(x, sympy.Max(x, -TANH_CLAMP)), (x, sympy.Min(x, TANH_CLAMP)), (x2, x * x)]
     return steps, x * _horner(TANH_P, x2) / _horner(TANH_Q, x2)
 
 
@@ -132,15 +155,22 @@ class NumbaPrinter(PythonCodePrinter):
         return f"{self.parenthesize(base, prec)}**{self._print(exp)}"
 
     def _print_Max(self, expr: sympy.Max) -> str:
-        return self._nest("max", expr.args)
+        return self._nest(">", expr.args)
 
     def _print_Min(self, expr: sympy.Min) -> str:
-        return self._nest("min", expr.args)
+        return self._nest("<", expr.args)
 
-    def _nest(self, fn: str, args) -> str:
+    def _nest(self, op: str, args) -> str:
+        """NaN-propagating max/min like NumPy's ``maximum``/``minimum`` (and the reference
+        backend): ``(a if a > b or a != a else b)`` is NaN when either is NaN. Python's and
+        Numba's ``max(a, b)`` return ``a`` for a NaN ``b``; a clip would turn NaN into a bound.
+        Each argument is printed twice or three times: callers pass simple ones
+        (:func:`atomic_minmax`), and LLVM turns the conditional into selects that vectorize."""
         text = self._print(args[-1])
         for arg in reversed(args[:-1]):
-            text = f"{fn}({self._print(arg)}, {text})"
+            a = self._print(arg)
+            nan = "" if arg.is_Number and arg.is_finite else f" or {a} != {a}"  # a constant is never NaN
+            text = f"({a} if {a} {op} {text}{nan} else {text})"
         return text
 
     def _print_Abs(self, expr: sympy.Abs) -> str:
@@ -166,6 +196,47 @@ class NumbaPrinter(PythonCodePrinter):
 
     def _print_Symbol(self, expr: sympy.Symbol) -> str:
         return expr.name
+
+
+def _simple(expr: sympy.Expr) -> bool:
+    """An argument printed more than once at no cost: a name, a number, an array read, or -name."""
+    if expr.is_Atom or isinstance(expr, sympy.Indexed):
+        return True
+    return isinstance(expr, sympy.Mul) and len(expr.args) == 2 and expr.args[0] == -1 and _simple(expr.args[1])
+
+
+def atomic_minmax(temps, values, make_symbol) -> tuple[list[tuple[sympy.Symbol, sympy.Expr]], list[sympy.Expr]]:
+    """Give every non-simple argument of a Max/Min its own temporary, so that the NaN-propagating
+    conditional of :meth:`NumbaPrinter._nest` evaluates nothing twice.
+
+    ``temps`` are (symbol, expr) assignments in order, ``values`` the expressions after them;
+    returns the new assignments (extra ones just before their user) and values.
+
+    >>> x, y = sympy.symbols("x y")
+    >>> names = iter(sympy.symbols("m0:9"))
+    >>> atomic_minmax([], [sympy.Max(sympy.tanh(x), y)], lambda: next(names))
+    ([(m0, tanh(x))], [Max(m0, y)])
+    """
+    out: list[tuple[sympy.Symbol, sympy.Expr]] = []
+
+    def visit(expr: sympy.Expr) -> sympy.Expr:
+        if expr.is_Atom or isinstance(expr, sympy.Indexed):
+            return expr
+        args = [visit(a) for a in expr.args]
+        if isinstance(expr, sympy.Max | sympy.Min):
+            simple = []
+            for a in args:
+                if not _simple(a):
+                    sym = make_symbol()
+                    out.append((sym, a))
+                    a = sym
+                simple.append(a)
+            return expr.func(*simple, evaluate=False)
+        return expr.func(*args) if tuple(args) != expr.args else expr
+
+    for sym, expr in temps:
+        out.append((sym, visit(sympy.sympify(expr))))
+    return out, [visit(sympy.sympify(v)) for v in values]
 
 
 class NumPyVectorPrinter(NumPyPrinter):

@@ -19,8 +19,27 @@ import sympy
 from cellgen import __version__
 from cellgen.analysis import linear_order
 from cellgen.dsl import INPUT_SIZE, NUM_UNITS
-from cellgen.plan import OUT, PRE, X, FusedPlan, Loop, param_array, state_array
-from cellgen.printing import DTYPES, NumbaPrinter, NumPyVectorPrinter, print_index, rational_tanh
+from cellgen.plan import (
+    OUT,
+    PRE,
+    X,
+    FusedPlan,
+    Loop,
+    hyper_name,
+    new_state_array,
+    size_name,
+    state_array,
+)
+from cellgen.spec import SpecError
+from cellgen.printing import (
+    DTYPES,
+    NumbaPrinter,
+    NumPyVectorPrinter,
+    atomic_minmax,
+    display_index,
+    print_index,
+    rational_tanh,
+)
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 #: Per-step views the kernels index instead of the [T, ...] arrays.
@@ -68,13 +87,15 @@ class KernelPrinter:
 
     def loop(self, loop: Loop) -> LoopText:
         p = self.printer
-        lines = [f"{p.doprint(sym)} = {p.doprint(expr)}" for sym, expr in loop.temps]
+        names = (sympy.Symbol(f"_mx{k}", real=True) for k in range(1_000_000))
+        temps, store_values = atomic_minmax(loop.temps, [s.value for s in loop.stores], lambda: next(names))
+        lines = [f"{p.doprint(sym)} = {p.doprint(expr)}" for sym, expr in temps]
         values = []
-        for k, store in enumerate(loop.stores):
-            value = p.doprint(store.value)
-            if isinstance(store.value, sympy.Symbol | sympy.Indexed):
+        for k, (store, expr) in enumerate(zip(loop.stores, store_values, strict=True)):
+            value = p.doprint(expr)
+            if isinstance(expr, sympy.Symbol):  # a temporary: already read before any store
                 values.append(value)
-            else:
+            else:  # an array read too: a Loop reads every value before it stores any (plan.Loop)
                 lines.append(f"_v{k} = {value}")
                 values.append(f"_v{k}")
         lines += [f"{p.doprint(s.target)} = {v}" for s, v in zip(loop.stores, values, strict=True)]
@@ -87,16 +108,25 @@ class KernelPrinter:
         return LoopText(print_index(loop.domain), "\n".join(lines)) if lines else None
 
 
-def _take_sizes(names: list[str]) -> str:
-    """``num_proj, = _rt.take_sizes(sizes, ("num_proj",), SIZES)``: keyword sizes, checked."""
-    if not names:
-        return "_rt.take_sizes(sizes, (), SIZES)"
-    return f"{', '.join(names)}, = _rt.take_sizes(sizes, ({''.join(repr(n) + ', ' for n in names)}), SIZES)"
+def _take_sizes(names: list[str], given: tuple[str, ...] = ()) -> str:
+    """Bind the kernel variables of a function's sizes, one line: the ``given`` positional ones
+    (``n_num_units = num_units``) and the keyword ones, checked
+    (``n_num_proj, = _rt.take_sizes(sizes, ("num_proj",), SIZES)``)."""
+    lines = [f"{size_name(n)} = {n}" for n in given]
+    taken = "".join(repr(n) + ", " for n in names)
+    call = f"_rt.take_sizes(sizes, ({taken}), SIZES)"
+    lines.append(f"{''.join(size_name(n) + ', ' for n in names)}= {call}" if names else call)
+    return "; ".join(lines)
 
 
 def _needed(exprs, spec) -> list[str]:
     symbols = set().union(*(sympy.sympify(e).free_symbols for e in exprs)) if exprs else set()
     return [str(s) for s in (INPUT_SIZE, *spec.sizes) if s in symbols]
+
+
+def _sizes_from_dict(spec) -> str:
+    """``n_input_size = sizes['input_size']; ...``: every size's kernel variable from a call's sizes."""
+    return "; ".join(f"{size_name(n)} = sizes[{n!r}]" for n in map(str, spec.all_sizes))
 
 
 def _params(plan: FusedPlan) -> list[dict[str, Any]]:
@@ -112,28 +142,51 @@ def _params(plan: FusedPlan) -> list[dict[str, Any]]:
 
 
 def _size_rules(plan: FusedPlan) -> list[dict[str, Any]]:
-    """For num_units and each extra size: a parameter dimension that determines it."""
+    """For num_units and each extra size: where a call reads it off, in order.
+
+    A size comes from a parameter dimension that determines it (given the sizes before it),
+    else from the inputs' width (``cell.input(size=num_units)``); a size no vector uses is 0.
+    Every other relation (the inputs' width, each parameter's and state's shape) is then
+    checked against these sizes at call time.
+    """
     spec = plan.spec
     known = {INPUT_SIZE}
     rules = []
     dims = [(p["name"], k, lin_dim) for p, lin_dim_list in _param_dims(plan) for k, lin_dim in enumerate(lin_dim_list)]
+    dims.append((None, 2, spec.input.size))  # the inputs [T, B, width]: last, so parameters are checked first
+    used = set().union(*(sympy.sympify(v.size).free_symbols for v in (spec.input, *spec.states, *spec.params)),
+                       *(lin.rows.free_symbols | lin.columns.free_symbols for lin in spec.linears))
     d = sympy.Symbol("d")
     for size in (NUM_UNITS, *spec.sizes):
+        if size not in used:
+            rules.append({"size": str(size), "value": "0"})
+            known.add(size)
+            continue
         for name, k, dim in dims:
             if size in dim.free_symbols and dim.free_symbols - {size} <= known:
                 solution = sympy.solve(sympy.Eq(d, dim), size)
                 if len(solution) == 1:
-                    expr = solution[0].subs({s: sympy.Symbol(f"sizes[{str(s)!r}]") for s in known})
-                    rules.append({"size": str(size), "param": name, "dim": k, "expr": _int_expr(expr)})
+                    names = {s: f"sizes[{str(s)!r}]" for s in known}
+                    if name is None:  # the inputs' width
+                        value = _int_expr(solution[0], names | {d: "input_size"})
+                    else:
+                        value = (f"_rt.size_from(params, {name!r}, {k}, "
+                                 f"lambda d: {_int_expr(solution[0], names | {d: 'd'})}, sizes)")
+                    rules.append({"size": str(size), "value": value})
                     known.add(size)
                     break
+        else:
+            where = next((v.line for v in (spec.input, *spec.states, *spec.params) if size in v.size.free_symbols),
+                         spec.output_line)
+            raise SpecError(spec.path, where, f"size {size}",
+                            "no parameter and not the input determine this size; use it in a linear or a param")
     return rules
 
 
-def _int_expr(expr: sympy.Expr) -> str:
+def _int_expr(expr: sympy.Expr, names: dict[sympy.Symbol, str]) -> str:
     num, den = sympy.fraction(sympy.together(expr))
-    text = print_index(num)
-    return text if den == 1 else f"({text}) // {print_index(den)}"
+    text = print_index(num, names)
+    return text if den == 1 else f"({text}) // {print_index(den, names)}"
 
 
 def _param_dims(plan: FusedPlan):
@@ -184,9 +237,9 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
         args += [("w_in", "w_in"), ("b_in", "b_in")]
     args.append(("lengths", "lengths"))
     args += [(f"w_rec{g.stage}", f"w_rec[{g.stage}]") for g in plan.gemms]  # packed panels
-    args += [(param_array(n), f"params[{n!r}]") for n in (*plan.unit_params, *plan.epilogue_biases)]
-    args += [(h.name, f"dtype.type(hyper[{h.name!r}])") for h in spec.hypers]
-    args += [(str(s), f"sizes[{str(s)!r}]") for s in spec.all_sizes]
+    args += [(plan.param_arrays[n], f"params[{n!r}]") for n in (*plan.unit_params, *plan.epilogue_biases)]
+    args += [(hyper_name(h.name), f"dtype.type(hyper[{h.name!r}])") for h in spec.hypers]
+    args += [(size_name(str(s)), f"sizes[{str(s)!r}]") for s in spec.all_sizes]
     names = list(spec.state(n).name for n in plan.recurrent_states)
     args += [(state_array(n), f"np.array(states[{list(_state_names(spec)).index(n)}], order='C')") for n in names]
     args.append((OUT, "out"))
@@ -214,9 +267,12 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
 
     # every name a helper may need: kernel arguments, step buffers, per-step views
     view_names = [v.split(" = ")[0] for v in views]
-    double_buffered = [state_array(n) for n in plan.double_buffered]
+    double_buffered = [{"old": state_array(n), "new": new_state_array(n)} for n in plan.double_buffered]
+    # a double-buffered state's final value is in its old array after an even number of steps
+    finals = [f"{state_array(n)} if T % 2 == 0 else {new_state_array(n)}" if n in plan.double_buffered
+              else state_array(n) for n in plan.recurrent_states]
     # what a thread of the loop may work on: the kernel's arguments and step buffers
-    step_args = [a for a, _ in args] + [b["name"] for b in buffers] + [f"{s}_new" for s in double_buffered]
+    step_args = [a for a, _ in args] + [b["name"] for b in buffers] + [s["new"] for s in double_buffered]
     names_in_kernel = step_args + view_names
     # the step loop (not a scan) of a plan with a hoisted GEMM: it may compute it by blocks
     step_hoisted = hoisted is not None and not batch_outer
@@ -245,7 +301,7 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
         scan_text = "\n".join([*views, *(f"{lp.domain}\n{lp.body}" for lp in (*loops, *scan_masked))])
         # a thread of the step loop takes only what it uses: every argument of the parallel
         # function costs Numba's parfor lowering time (~35 ms each)
-        step_text = "\n".join([*views, "out b_zero gemm_fn by_rows", *(f"{s} {s}_new" for s in double_buffered),
+        step_text = "\n".join([*views, "out b_zero gemm_fn by_rows", *(f"{s['old']} {s['new']}" for s in double_buffered),
                                 "pre xs w_in b_in blocked" if step_hoisted else "",
                                 *(" ".join(i["params"]) if i["kind"] == "epilogue" else
                                   f"{i['operand']} {i['weight']} {i['result']}" for i in schedule)])
@@ -276,7 +332,7 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
         delay_index = list(_state_names(spec)).index(plan.delay_states[0])
     return {
         "kernels": kernels, "args": [a for a, _ in args], "call_args": [c for _, c in args],
-        "double_buffered": double_buffered, "buffers": buffers,
+        "double_buffered": double_buffered, "finals": finals, "buffers": buffers,
         "states": states, "step_views": "\n".join(views), "batch_outer": batch_outer,
         "fused_scan": fused_scan, "step_hoisted": step_hoisted,
         "step_params": step_params, "scan_params": scan_params, "thread_params": thread_params,
@@ -312,11 +368,11 @@ def _scan_units(plan: FusedPlan, loops: list[LoopText], scan_params: list[str]) 
         return None
     for lp in loops:
         for index in re.findall(r"\bpre_(?:t|prev)\[b, ([^\]]+)\]", lp.body):
-            offset = sympy.sympify(index, locals={str(domain): domain}) - sympy.Symbol("j")
+            offset = sympy.sympify(index, locals={size_name(str(domain)): domain}) - sympy.Symbol("j")
             if offset != 0 and not sympy.simplify(offset / domain).is_Integer:
                 return None
     states = [state_array(n) for n in plan.recurrent_states]
-    units_params = [param_array(n) for n in plan.unit_params]
+    units_params = [plan.param_arrays[n] for n in plan.unit_params]
     args, copies, first = [], [], None
     for name in scan_params:
         if name == PRE:
@@ -324,7 +380,7 @@ def _scan_units(plan: FusedPlan, loops: list[LoopText], scan_params: list[str]) 
         elif name == "pre0":
             args.append("first")
             first = name
-        elif name == str(domain):
+        elif name == size_name(str(domain)):
             args.append("units")
         elif name in states:
             args.append(f"{name}_q")
@@ -333,11 +389,11 @@ def _scan_units(plan: FusedPlan, loops: list[LoopText], scan_params: list[str]) 
             args.append("out_q")
         elif name in units_params:
             args.append(f"{name}[j0:j1]")
-        elif name in ("T", "lengths") or name in {str(s) for s in plan.spec.all_sizes}:
+        elif name in ("T", "lengths") or name in {size_name(str(s)) for s in plan.spec.all_sizes}:
             args.append(name)
         else:  # an array the split does not know how to cut
             return None
-    return {"size": str(domain), "scan_args": args, "states": copies, "first": first}
+    return {"size": size_name(str(domain)), "scan_args": args, "states": copies, "first": first}
 
 
 def _used(candidates: list[str], text: str) -> list[str]:
@@ -409,10 +465,12 @@ def context(plan: FusedPlan, spec_path: str, key: str) -> dict[str, Any]:
                     else ("math.inf" if h.default > 0 else "-math.inf")} for h in spec.hypers],
         "delay_states": list(plan.delay_states),
         "params": params, "first_param": params[0]["name"] if params else "",
-        "sizes_for_params": _take_sizes([str(s) for s in spec.sizes]),
-        "sizes_for_state": _take_sizes(_needed([s.size for s in spec.states], spec)),
-        "sizes_for_output": _take_sizes(_needed([plan.output_size], spec)),
-        "sizes_from_dict": "; ".join(f"{n} = sizes[{n!r}]" for n in map(str, spec.all_sizes)),
+        "sizes_for_params": _take_sizes([str(s) for s in spec.sizes], ("input_size", "num_units")),
+        "sizes_for_state": _take_sizes(_needed([s.size for s in spec.states], spec), ("num_units",)),
+        "sizes_for_output": _take_sizes(_needed([plan.output_size], spec), ("num_units",)),
+        "sizes_from_dict": _sizes_from_dict(spec),
+        "input_width": print_index(spec.input.size),
+        "input_size_text": display_index(spec.input.size),
         "output_size": print_index(plan.output_size),
         "size_rules": _size_rules(plan),
         "input_name": spec.input.name,

@@ -36,8 +36,9 @@ from cellgen.plan import (
     Loop,
     RecurrentGemm,
     Store,
+    hyper_name,
     new_state_array,
-    param_array,
+    size_name,
     state_array,
 )
 from cellgen.printing import DTYPES, NumbaPrinter, print_index
@@ -216,9 +217,9 @@ def _arg_order(plan: FusedPlan) -> list[tuple[str, str]]:
     args += [(f"w_rec{g.stage}", "array2") for g in plan.gemms]
     args += [(g.result, "array2") for g in plan.gemms]
     args += [(g.operand_buffer, "array2") for g in plan.gemms if g.operand_buffer is not None]
-    args += [(param_array(n), "array1") for n in (*plan.unit_params, *plan.epilogue_biases)]
-    args += [(h.name, "real") for h in spec.hypers]
-    args += [(str(s), "int") for s in spec.all_sizes]
+    args += [(plan.param_arrays[n], "array1") for n in (*plan.unit_params, *plan.epilogue_biases)]
+    args += [(hyper_name(h.name), "real") for h in spec.hypers]
+    args += [(size_name(str(s)), "int") for s in spec.all_sizes]
     args += [(state_array(n), "array2") for n in plan.recurrent_states]
     args += [(new_state_array(n), "array2") for n in plan.recurrent_states]
     args.append(("out", "array3"))
@@ -226,13 +227,19 @@ def _arg_order(plan: FusedPlan) -> list[tuple[str, str]]:
 
 
 def _used(exprs: list[sympy.Expr]) -> set[str]:
-    """Argument names an expression list needs: arrays (through their views) and scalars."""
+    """Argument names an expression list needs: arrays (through their views) and scalars.
+
+    Hyperparameters are already their kernel variables in the plan (``hy_...``); sizes are
+    the spec's size symbols (integer), printed as their kernel variables (``n_...``).
+    """
     names: set[str] = set()
     for e in exprs:
         e = sympy.sympify(e)
         for i in e.atoms(sympy.Indexed):
             names.update(VIEW_ARGS.get(str(i.base), (str(i.base),)))
-        names.update(str(s) for s in e.free_symbols if not isinstance(s, sympy.Indexed))
+            names.update(_sizes_used(*i.indices))
+        names.update(size_name(str(s)) if s.is_integer else str(s) for s in e.free_symbols
+                     if not isinstance(s, sympy.Indexed) and s != UNIT)
     return names
 
 
@@ -272,7 +279,8 @@ def _domain_max(domains) -> str:
 
 
 def _sizes_used(*exprs: sympy.Expr) -> set[str]:
-    return {str(s) for e in exprs for s in sympy.sympify(e).free_symbols}
+    """The kernel variables of the sizes in index or size expressions."""
+    return {size_name(str(s)) for e in exprs for s in sympy.sympify(e).free_symbols if s != UNIT}
 
 
 class _Kernels:
@@ -378,10 +386,10 @@ def cuda_context(plan: FusedPlan) -> dict[str, Any]:
         "layouts": [{"stage": lay.stage, "gates": lay.gates, "units": print_index(lay.units),
                      "interleaved": lay.interleaved} for lay in k.layouts],
         "recurrent_states": [{"array": state_array(n), "index": state_names.index(n)} for n in gpu.recurrent_states],
-        "double_buffered": [state_array(n) for n in k.double_buffered],
+        "double_buffered": [{"old": state_array(n), "new": new_state_array(n)} for n in k.double_buffered],
         "buffers": buffers,
-        "unit_params": [{"array": param_array(n), "name": n} for n in (*gpu.unit_params, *gpu.epilogue_biases)],
-        "hypers": [h.name for h in plan.spec.hypers],
+        "unit_params": [{"array": gpu.param_arrays[n], "name": n} for n in (*gpu.unit_params, *gpu.epilogue_biases)],
+        "hypers": [{"name": h.name, "kernel": hyper_name(h.name)} for h in plan.spec.hypers],
         "delay_index": delay_index,
         "delayed": bool(plan.hoisted is not None and plan.hoisted.delayed),
         "output_size": print_index(plan.output_size),

@@ -6,7 +6,7 @@ import sympy
 
 from cellgen.dsl import INPUT_SIZE, NUM_UNITS
 from cellgen.plan import FusedPlan
-from cellgen.printing import print_index
+from cellgen.printing import display_index as print_index
 
 
 def _dims(expr: sympy.Expr, sizes: dict[sympy.Symbol, int]) -> str:

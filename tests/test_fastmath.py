@@ -39,8 +39,8 @@ def generated(tmp_path_factory) -> str:
 def test_rational_tanh_is_within_4e_7_of_float64_in_float32() -> None:
     x = sympy.Symbol("x", real=True)
     steps, result = rational_tanh(x)
-    (clamped, _), (square, square_expr) = steps
-    assert clamped == x and square_expr == x * x
+    (low, _), (high, _), (square, square_expr) = steps
+    assert low == high == x and square_expr == x * x
     f = sympy.lambdify((x, square), result, "numpy")
     v = np.clip(GRID, -TANH_CLAMP, TANH_CLAMP).astype(np.float32)
     y = f(v, v * v)
@@ -55,7 +55,20 @@ def test_printed_helper_is_typed_float32() -> None:
     steps, result = rational_tanh(x)
     text = NumbaPrinter("float32").doprint(result)
     assert "np.float32(" in text and "math." not in text
-    assert NumbaPrinter("float32").doprint(steps[0][1]).startswith("min(np.float32(")
+    assert NumbaPrinter("float32").doprint(steps[0][1]).startswith("(np.float32(-7.99")
+
+
+def test_printed_helper_propagates_nan_and_saturates() -> None:
+    x = sympy.Symbol("x", real=True)
+    steps, result = rational_tanh(x)
+    p = NumbaPrinter("float32")
+    body = "".join(f"    {p.doprint(s)} = {p.doprint(e)}\n" for s, e in steps)
+    namespace: dict = {"np": np}
+    exec(f"def tanh(x):\n{body}    return {p.doprint(result)}\n", namespace)  # noqa: S102 - our printer's text
+    kernel = njit(error_model="numpy")(namespace["tanh"])
+    assert np.isnan(kernel(np.float32(np.nan)))
+    assert kernel(np.float32(np.inf)) == pytest.approx(1.0, abs=1e-6)
+    assert kernel(np.float32(-np.inf)) == pytest.approx(-1.0, abs=1e-6)
 
 
 def test_generated_float32_tanh_helper(generated: str) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import sympy
 
 from cellgen.dsl import NUM_UNITS, sigmoid
 from cellgen.plan import UNIT
-from cellgen.printing import NumbaPrinter, NumPyVectorPrinter, print_index
+from cellgen.printing import NumbaPrinter, NumPyVectorPrinter, atomic_minmax, print_index
 
 x, y, c = sympy.symbols("x y c", real=True)
 j, n = UNIT, NUM_UNITS
@@ -54,11 +56,11 @@ def test_indexed_reads() -> None:
     pre = sympy.Indexed(sympy.IndexedBase("pre"), j + 2 * n)
     diag = sympy.Indexed(sympy.IndexedBase("p_w_f_diag"), j)
     p = NumbaPrinter("float32", batched=("pre",))
-    assert p.doprint(pre) == "pre[b, j + 2*num_units]"
+    assert p.doprint(pre) == "pre[b, j + 2*n_num_units]"
     assert p.doprint(diag) == "p_w_f_diag[j]"
-    assert p.doprint(pre * diag) == "p_w_f_diag[j]*pre[b, j + 2*num_units]"
+    assert p.doprint(pre * diag) == "p_w_f_diag[j]*pre[b, j + 2*n_num_units]"
     renamed = NumbaPrinter("float64", batched=("pre",), row="r", arrays={"pre": "pre_t"})
-    assert renamed.doprint(pre) == "pre_t[r, j + 2*num_units]"
+    assert renamed.doprint(pre) == "pre_t[r, j + 2*n_num_units]"
 
 
 @pytest.mark.parametrize("expr, want", [
@@ -78,12 +80,37 @@ def test_pow(expr, want: str) -> None:
 
 
 def test_max_min_nest() -> None:
-    assert f64(sympy.Max(x, y)) == "max(x, y)"
-    assert f64(sympy.Min(x, y)) == "min(x, y)"
-    assert f64(sympy.Max(x, y, c)) == "max(c, max(x, y))"
+    # NaN-propagating (NumPy's maximum/minimum): a NaN on either side gives NaN
+    assert f64(sympy.Max(x, y)) == "(x if x > y or x != x else y)"
+    assert f64(sympy.Min(x, y)) == "(x if x < y or x != x else y)"
+    assert f64(sympy.Max(x, y, c)) == "(c if c > (x if x > y or x != x else y) or c != c else (x if x > y or x != x else y))"
     # TF's clip: Min(Max(v, -clip), clip)
-    assert f64(sympy.Min(sympy.Max(x, -c), c)) == "min(c, max(x, -c))"
-    assert f32(sympy.Max(x, 0)) == "max(np.float32(0.0), x)"
+    assert f64(sympy.Min(sympy.Max(x, -c), c)) == \
+        "(c if c < (x if x > -c or x != x else -c) or c != c else (x if x > -c or x != x else -c))"
+    # a finite constant needs no NaN test
+    assert f32(sympy.Max(x, 0)) == "(np.float32(0.0) if np.float32(0.0) > x else x)"
+
+
+@pytest.mark.parametrize("fn", [sympy.Max, sympy.Min])
+def test_max_min_propagate_nan_when_compiled(fn) -> None:
+    from numba import njit
+
+    text = f64(fn(x, y))
+    kernel = njit(error_model="numpy")(eval(f"lambda x, y: {text}"))  # noqa: S307 - printed by our printer
+    nan, inf = float("nan"), float("inf")
+    for a, b in ((nan, 1.0), (1.0, nan), (nan, nan), (-inf, nan), (nan, inf)):
+        assert math.isnan(kernel(a, b)), (text, a, b)
+    assert kernel(1.0, 2.0) == fn(1.0, 2.0)
+    assert kernel(-inf, 2.0) == fn(-inf, 2.0)
+
+
+def test_atomic_minmax_gives_arguments_temporaries() -> None:
+    names = iter(sympy.symbols("m0:9"))
+    temps, values = atomic_minmax([(c, sympy.exp(x))], [sympy.Min(sympy.Max(sympy.tanh(x) + c, -y), y)],
+                                  lambda: next(names))
+    m0 = sympy.Symbol("m0")
+    assert temps == [(c, sympy.exp(x)), (m0, sympy.tanh(x) + c), (sympy.Symbol("m1"), sympy.Max(m0, -y))]
+    assert values == [sympy.Min(sympy.Symbol("m1"), y)]
 
 
 def test_unknown_dtype() -> None:
@@ -92,9 +119,9 @@ def test_unknown_dtype() -> None:
 
 
 def test_index_printer() -> None:
-    assert print_index(3 * n + j) == "j + 3*num_units"
+    assert print_index(3 * n + j) == "j + 3*n_num_units"
     assert print_index(sympy.Integer(0)) == "0"
-    assert print_index(sympy.Symbol("input_size") + n) == "input_size + num_units"
+    assert print_index(sympy.Symbol("input_size") + n) == "n_input_size + n_num_units"
 
 
 def test_numpy_vector_printer() -> None:

@@ -26,6 +26,8 @@ class CellInfo:
     state_size: Callable
     output_size: Callable
     infer_sizes: Callable
+    input_width: Callable
+    input_size_expr: str
     reference_step: Callable
     pack: Callable
     backends: dict[str, Callable] = field(default_factory=dict)
@@ -51,6 +53,12 @@ def prepare(cell: CellInfo, params, inputs, sequence_length, initial_state, time
     sizes = cell.infer_sizes(params, input_size)
     extra = {k: v for k, v in sizes.items() if k not in ("input_size", "num_units")}
     checked = check_params(params, cell.param_shapes(input_size, sizes["num_units"], **extra), xs.dtype, sizes)
+    width = cell.input_width(sizes)
+    if input_size != width:  # a size relation of the spec: cell.input(size=num_units), ...
+        known = ", ".join(f"{k}={v}" for k, v in sizes.items() if k != "input_size")
+        raise ValueError(f"inputs must have last dimension {cell.input_size_expr} = {width} (the spec's "
+                         f"cell.input(size={cell.input_size_expr}); sizes from the parameters: {known}), "
+                         f"got {input_size}")
     lengths = checks.sequence_lengths(sequence_length, batch, max_time)
     state_sizes = cell.state_size(sizes["num_units"], input_size=input_size, **extra)
     states = checks.initial_states(initial_state, cell.state, state_sizes, batch, xs.dtype, argument)
