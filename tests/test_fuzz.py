@@ -6,7 +6,8 @@ fresh temporary folder, imports the generated module and compares ``backend="cpu
 
 * ``CELLGEN_FUZZ_EXAMPLES=2000`` runs more examples (default 100);
 * ``CELLGEN_FUZZ_EXCLUDE=old_read,name_collision`` leaves known bug classes out (``fuzz_specs.CLASSES``);
-* ``CELLGEN_FUZZ_SEED=7`` draws another (still reproducible) sequence of specs.
+* ``CELLGEN_FUZZ_SEED=7`` draws another (still reproducible) sequence of specs;
+* ``CELLGEN_FUZZ_SHRINK=1`` shrinks a failing spec (minutes: every try is a build and a JIT compile).
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ from pathlib import Path
 
 import pytest
 from fuzz_specs import CLASSES, build_spec, check_spec, degenerate, specs
-from hypothesis import HealthCheck, assume, given, seed, settings
+from hypothesis import HealthCheck, Phase, assume, given, seed, settings
 from hypothesis import strategies as st
 
 EXAMPLES = int(os.environ.get("CELLGEN_FUZZ_EXAMPLES", "100"))
 EXCLUDE = frozenset(c for c in os.environ.get("CELLGEN_FUZZ_EXCLUDE", "").split(",") if c)
 SEED = int(os.environ.get("CELLGEN_FUZZ_SEED", "0"))
+PHASES = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("CELLGEN_FUZZ_SHRINK") else [])
 
 
 @seed(SEED)
-@settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False, print_blob=True,
+@settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False, print_blob=True, phases=PHASES,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 @given(fz=specs(exclude=EXCLUDE), data=st.data())
 def test_random_specs_match_the_evaluator(fz, data, tmp_path_factory: pytest.TempPathFactory) -> None:
