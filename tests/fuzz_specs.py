@@ -49,6 +49,7 @@ CLASSES = (
     "input_units",        # the input is declared cell.input(size=NUM_UNITS)
     "param_only",         # a linear operand, an update or the output reads only per-unit params (no batch row)
     "dead_linear",        # a linear whose gates no update and no output reads
+    "delay_read",         # a delay state (x_{t-1}) read in an expression, not as a whole linear operand
 )
 
 #: Names the generated code uses for itself (kernel loop variables, arrays, arguments, modules).
@@ -352,7 +353,9 @@ def specs(draw: Callable, exclude: frozenset[str] = frozenset()) -> FuzzSpec:
                 hyper[name] = draw(st.sampled_from((0.7, -1.25)))
 
     # the step, in an order that needs no cycle: linears and updates interleaved, then the output
-    state_atoms = {var: Atom(var, key, 3.0, frozenset()) for var, key, _ in states}
+    delays = [var for var, _, kind in states if kind == "delay"]
+    state_atoms = {var: Atom(var, key, 3.0, frozenset({"delay_read"} if kind == "delay" else ()))
+                   for var, key, kind in states if kind != "delay" or "delay_read" not in exclude}
     updated: dict[str, Atom] = {}
     gates: list[Atom] = []
     pending = list(range(n_states))
@@ -367,7 +370,7 @@ def specs(draw: Callable, exclude: frozenset[str] = frozenset()) -> FuzzSpec:
             if context == "linear" or var == own:
                 result.append(atom)
             elif "old_read" not in exclude:
-                result.append(Atom(atom.text, atom.size, atom.mag, frozenset({"old_read"})))
+                result.append(Atom(atom.text, atom.size, atom.mag, atom.tags | {"old_read"}))
         for atom in updated.values():
             if context == "linear":
                 if "updated_in_linear" not in exclude:
@@ -391,6 +394,8 @@ def specs(draw: Callable, exclude: frozenset[str] = frozenset()) -> FuzzSpec:
             for _ in range(draw(st.integers(1, 3))):
                 key = draw(st.sampled_from(sorted(groups)))
                 operands.append(prog.bounded(groups[key], draw(st.integers(0, 2)))[0])
+            if delays and draw(st.booleans()):  # a delay state as a whole operand: hoisted, read late
+                operands.insert(draw(st.integers(0, len(operands))), delays[0])
             unread = [g for g in gates if g.text not in prog.used]
             if unread and draw(st.booleans()):  # read a gate nothing reads yet
                 operands.append(prog.bounded([draw(st.sampled_from(unread))], 0)[0])
