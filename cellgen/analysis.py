@@ -61,6 +61,7 @@ class _Analysis:
                                           *(lin.bias for lin in spec.linears if lin.bias is not None)])
         self.avail_cache: dict[sympy.Expr, int] = {}
         self.linear_stage: dict[str, int | None] = {}
+        self.live = self._live_linears()
         for lin in self._topological(spec.linears):
             stages = [self.avail(op) for op in self._recurrent_operands(lin)]
             self.linear_stage[lin.kernel] = max(stages) if stages else None
@@ -100,6 +101,23 @@ class _Analysis:
             visit(lin)
         return done
 
+    def _live_linears(self) -> tuple[Linear, ...]:
+        """The linears whose gates the updates and the output need (transitively), in spec order.
+
+        A linear nothing reads computes nothing: its parameters stay (param_shapes, TF names)
+        but it gets no GEMM columns, no loads and no epilogue work.
+        """
+        needed = set().union(*(expr.free_symbols for _, expr, _ in self.spec.updates), self.spec.output.free_symbols)
+        live: set[str] = set()
+        pending = [s for s in needed if s in self.linear_of]
+        while pending:
+            lin = self.linear_of[pending.pop()]
+            if lin.kernel in live:
+                continue
+            live.add(lin.kernel)
+            pending += [s for op in lin.operands for s in op.free_symbols if s in self.linear_of]
+        return tuple(lin for lin in self.spec.linears if lin.kernel in live)
+
     # -- the hoisted GEMM ------------------------------------------------------------
     def hoisted_gemm(self) -> tuple[HoistedGemm | None, dict[str, sympy.Expr], dict[str, sympy.Expr]]:
         """Columns: direct blocks of every linear reading x, then delayed blocks (x_{t-1})."""
@@ -110,7 +128,7 @@ class _Analysis:
         biases: list[BiasBlock] = []
         col = sympy.Integer(0)
         for want_delay, table in ((False, direct), (True, delayed)):
-            for lin in spec.linears:
+            for lin in self.live:
                 parts = [(k, op) for k, op in enumerate(lin.operands)
                          if self.is_hoistable(op) and (op in self.delay_symbols) == want_delay]
                 if not parts:
@@ -131,7 +149,7 @@ class _Analysis:
     def recurrent_gemms(self) -> tuple[list[RecurrentGemm], dict[tuple[str, int], sympy.Expr]]:
         """One GEMM per stage; returns them and each (linear, stage)'s column offset."""
         by_stage: dict[int, list[Linear]] = defaultdict(list)
-        for lin in self.spec.linears:
+        for lin in self.live:
             for s in sorted({self.avail(op) for op in self._recurrent_operands(lin)}):
                 by_stage[s].append(lin)
         gemms: list[RecurrentGemm] = []
@@ -168,7 +186,7 @@ class _Analysis:
         """Each spec symbol -> the array reads that give its value at unit ``UNIT``."""
         spec, j = self.spec, UNIT
         table: dict[sympy.Symbol, sympy.Expr] = {}
-        for lin in spec.linears:
+        for lin in self.live:
             for g, gate in enumerate(lin.gates):
                 offset = g * lin.gate_size + j
                 terms = []

@@ -233,7 +233,7 @@ def _cpu(plan: FusedPlan) -> dict[str, Any]:
     # the step loop too computes the hoisted GEMM by time blocks (each thread its own batch
     # rows, just before the steps that read them) unless the driver computed it up front
     if hoisted is not None:
-        if not plan.uses_x:
+        if not (plan.uses_x or plan.uses_x_prev):  # the hoisted GEMM reads xs; it may be passed already
             args.append(("xs", "xs"))
         args += [("w_in", "w_in"), ("b_in", "b_in")]
     args.append(("lengths", "lengths"))

@@ -539,6 +539,8 @@ class Evaluator:
         for name, value in sizes.items():
             self.dims[cell.sizes[name]] = value
         self.vectors = {k: d for k, d in cell.vectors.items() if "#" not in k}
+        # cell.updated(s): a symbol of its own (cellgen.dsl keeps them apart from the declared names)
+        self.vectors.update({str(d.symbol): d for d in getattr(cell, "new_values", {}).values()})
         self.states = [k for k, d in self.vectors.items() if d.kind == "state"]
         self.input = next(k for k, d in self.vectors.items() if d.kind == "input")
         self.updates = {str(u.state): u.expr for u in cell.updates}

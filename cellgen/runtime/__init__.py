@@ -8,9 +8,9 @@ from cellgen.runtime.driver import (
     dynamic_rnn,
     reverse_sequence,
 )
-from cellgen.runtime.params import check_params, init_params, size_from, take_sizes
+from cellgen.runtime.params import as_rows, check_params, init_params, size_from, take_sizes
 
 __all__ = [
-    "CellInfo", "bidirectional_dynamic_rnn", "cell_step", "check_params", "dynamic_rnn",
+    "CellInfo", "as_rows", "bidirectional_dynamic_rnn", "cell_step", "check_params", "dynamic_rnn",
     "init_params", "reverse_sequence", "size_from", "take_sizes",
 ]

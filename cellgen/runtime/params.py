@@ -88,3 +88,10 @@ def init_params(shapes: Mapping[str, tuple[int, ...]], inits: Mapping[str, float
         else:
             params[name] = np.full(shape, float(init), dtype=dtype)
     return params
+
+
+def as_rows(value, like: np.ndarray) -> np.ndarray:
+    """An operand of a linear as [batch, size] rows: a per-unit parameter (or an expression of
+    parameters only, [size]) is the same for every row of ``like`` [batch, ...]."""
+    value = np.asarray(value)
+    return value if value.ndim == 2 else np.broadcast_to(value, (like.shape[0], value.shape[-1]))
