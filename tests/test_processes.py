@@ -238,18 +238,34 @@ print(pool.layer(), os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 """
 
 
-@pytest.mark.parametrize("user_layer", [None, "omp"])
-def test_threading_layer_is_workqueue_unless_the_user_chose_one(user_layer: str | None) -> None:
-    """A fresh process gets the workqueue layer; NUMBA_THREADING_LAYER is respected, and with
-    GNU OpenMP a forked child still computes the same (on one thread)."""
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+@pytest.mark.parametrize("user_layer", [None, "omp", "workqueue"])
+def test_threading_layer_is_chosen_unless_the_user_chose_one(user_layer: str | None) -> None:
+    """A fresh process gets omp (or workqueue where no OpenMP loads), never tbb by default;
+    NUMBA_THREADING_LAYER is respected; on either layer a forked child computes the same
+    (under omp on one thread, under workqueue on all)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_THREADING_LAYER")}
     if user_layer:
         env["NUMBA_THREADING_LAYER"] = user_layer
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-c", _LAYER_CHILD], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [user_layer or pool.LAYER, "0"], done.stderr
+    layer, child = done.stdout.split()
+    assert child == "0", done.stderr
+    assert layer == user_layer if user_layer else layer in pool.PRIORITY[:2]
+
+
+def test_this_file_on_the_workqueue_layer(tmp_path) -> None:
+    """The tests above once more in a process on the other fork-safe-by-design layer: its
+    children run the parallel kernels, and any two regions at once would abort the process."""
+    if pool.layer() == "workqueue" or os.environ.get("CELLGEN_TEST_NESTED"):
+        pytest.skip("this process already runs on workqueue")
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", CELLGEN_TEST_NESTED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                           "-k", "not layer"], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=3 * TIMEOUT)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 
 
 def test_forked_child_of_an_omp_parent_runs_serially(monkeypatch) -> None:
@@ -258,3 +274,11 @@ def test_forked_child_of_an_omp_parent_runs_serially(monkeypatch) -> None:
     assert pool.max_threads() == 1
     assert gemm.threads_for_steps(64, 100, 1 << 20) == 1
     assert gemm.threads_for(64, 1 << 20) == 1
+
+
+def test_layer_priority_puts_tbb_last() -> None:
+    from numba.core import config
+
+    if not pool.user_chose_layer():
+        assert list(config.THREADING_LAYER_PRIORITY) == pool.PRIORITY
+    assert pool.PRIORITY[-1] == "tbb"

@@ -1,35 +1,36 @@
 """The process's CPU thread pool: which threading layer, one parallel region at a time, fork.
 
 **Layer.** Generated CPU kernels run their time loop in one Numba parallel region per call
-(:mod:`cellgen.runtime.sync`). Importing :mod:`cellgen.runtime` asks Numba for its
-``workqueue`` layer (:data:`LAYER`) before Numba starts any thread, unless the user chose a
-layer (``NUMBA_THREADING_LAYER`` in the environment, ``.numba_config.yaml`` or
-``numba.config.THREADING_LAYER`` set before the first parallel call): then theirs is kept.
-Why ``workqueue`` (docs/architecture.md, "Processes and threads"):
+(:mod:`cellgen.runtime.sync`), whose barriers need every iteration of ``prange(nth)`` on its
+own thread, all running at once. Importing :mod:`cellgen.runtime` sets Numba's layer
+priority to :data:`PRIORITY` (``omp``, then ``workqueue``; ``tbb`` only if neither loads)
+before Numba starts any thread, unless the user chose (``NUMBA_THREADING_LAYER`` or
+``NUMBA_THREADING_LAYER_PRIORITY`` in the environment, ``.numba_config.yaml``, or
+``numba.config`` set before the first parallel call): then theirs is kept. Measured and
+compared in docs/performance.md ("Threading layer and fork"):
 
-* it is fork-safe: its threads are plain pthreads with a ``pthread_atfork`` handler that
-  resets the pool in the child, which starts a fresh one at its first parallel call (Numba's
-  ``forksafe`` choice on Linux). The ``omp`` layer (GNU OpenMP, the default where libgomp is
-  installed) kills a forked child at its first parallel call once the parent has started it
-  ("fork() called from a process already using GNU OpenMP"), and a fork Pool then hangs.
-* it gives every iteration of ``prange(nth)`` its own thread, all running at once, so the
-  step loop's barriers hold (``tbb`` is work-stealing: it ran both iterations of a
-  ``prange(2)`` on one thread here, so the rendezvous would be called off and the loop run
-  serially; it is also not installed with Numba's wheels).
-* it does not load libgomp, which slowed a PyTorch in the same process sixfold.
+* ``omp`` (GNU OpenMP): a region starts in ~1.5 us; threadsafe. Not fork-safe: once the
+  parent has started it, a forked child is killed at its first parallel region ("fork()
+  called from a process already using GNU OpenMP"), and a fork Pool hangs.
+* ``workqueue``: fork-safe (a ``pthread_atfork`` handler resets it; the child starts a fresh
+  pool), but a region starts in ~100 us (its workers sleep on condition variables: +11-15%
+  at S3, and a T = 1 call would pay it whole), and it is not thread-safe: two regions at once,
+  or a nested one, abort the process.
+* ``tbb`` is work-stealing: it ran both iterations of a ``prange(2)`` on one thread here, so
+  every rendezvous would be called off and the loop run on one thread. Numba's own default
+  order puts it first, so an installed ``tbb`` package would have made every kernel serial.
 
-It is not thread-safe: two parallel regions launched at once from two Python threads (or a
-nested one) abort the process. Every parallel region of the runtime and of the generated
-kernels therefore runs under :func:`region`, one process-wide lock, which is also what keeps
-concurrent callers from oversubscribing the cores (each would otherwise spin its own team of
-threads on the same cores: 2-36x slower than the same calls in a row). Calls whose work is
-small run their serial kernels on the calling thread and never take the lock.
+**Fork.** In a forked child of a process whose pool is GNU OpenMP, :func:`max_threads` is 1:
+every call there runs the serial kernels on the calling thread and starts no parallel region
+(same results: they do not depend on the thread count). Under ``workqueue`` a child runs
+the parallel kernels. The region lock (below) is held across ``os.fork``, so no region is in
+flight while the child is made, and made anew in the child.
 
-**Fork.** The lock is held across ``os.fork`` (no region is in flight while the child is
-made) and made anew in the child. A child of a process whose pool is GNU OpenMP (the user
-chose ``omp``, or Numba's pool was started before cellgen was imported) may not start a
-parallel region at all: there :func:`max_threads` is 1, so every call runs the serial
-kernels (same results: they do not depend on the thread count).
+**Threads.** Every parallel region of the runtime and of the generated kernels runs under
+:func:`region`, one process-wide lock: concurrent callers take turns instead of each
+spinning its own team of threads on the same cores (2-36x slower than the same calls in a
+row, before), and ``workqueue`` is never entered twice at once. Calls whose work is small
+run their serial kernels on the calling thread and never take the lock.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ import numba
 from numba.core import config
 from numba.np.ufunc import parallel as _numba_parallel
 
-#: The threading layer cellgen asks Numba for when the user has not chosen one.
-LAYER = "workqueue"
+#: Numba's threading layer priority cellgen sets when the user has not chosen a layer.
+PRIORITY = ["omp", "workqueue", "tbb"]
+#: Numba's own default priority and layer (what "not chosen" looks like).
+_NUMBA_PRIORITY = ["tbb", "omp", "workqueue"]
 
 _lock = threading.Lock()
 #: True in a forked child of a process whose Numba pool is GNU OpenMP: no parallel region.
@@ -52,9 +55,12 @@ _started = False
 
 
 def user_chose_layer() -> bool:
-    """Whether the threading layer was named by the user (environment, config file or
-    ``numba.config``) rather than left at Numba's ``default``."""
-    return "NUMBA_THREADING_LAYER" in os.environ or str(config.THREADING_LAYER).lower() != "default"
+    """Whether the threading layer or its priority was set by the user (environment, config
+    file or ``numba.config``) rather than left at Numba's defaults."""
+    if "NUMBA_THREADING_LAYER" in os.environ or "NUMBA_THREADING_LAYER_PRIORITY" in os.environ:
+        return True
+    priority = list(config.THREADING_LAYER_PRIORITY)
+    return str(config.THREADING_LAYER).lower() != "default" or priority not in (_NUMBA_PRIORITY, PRIORITY)
 
 
 def pool_started() -> bool:
@@ -63,13 +69,13 @@ def pool_started() -> bool:
 
 
 def choose_layer() -> None:
-    """Ask Numba for :data:`LAYER` unless the user chose a layer or the pool already runs.
+    """Set Numba's layer priority to :data:`PRIORITY` unless the user chose or the pool runs.
 
     Called when :mod:`cellgen.runtime` is imported and again before the pool's first start
     (Numba reloads its config from the environment when a ``NUMBA_*`` variable changed).
     """
     if not pool_started() and not user_chose_layer():
-        config.THREADING_LAYER = LAYER
+        config.THREADING_LAYER_PRIORITY = list(PRIORITY)
 
 
 def layer() -> str:
