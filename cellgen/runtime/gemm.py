@@ -22,9 +22,11 @@ from __future__ import annotations
 import llvmlite.binding as llb
 import numpy as np
 from llvmlite import ir
-from numba import cfunc, get_num_threads, njit, prange, types
+from numba import cfunc, njit, prange, typeof, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from cellgen.runtime import pool as _pool
 
 #: float lanes of one vector register of the host (AVX-512: 16, else 8).
 LANES32 = 16 if "avx512f" in llb.get_host_cpu_features().flatten() else 8
@@ -231,35 +233,52 @@ CHUNK = 16 * ROWS
 PARALLEL_WORK = 1 << 19
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _matmul_into(fn, c, a, wp, bias, nth):
+@njit(cache=True, nogil=True)
+def _matmul_part(fn, c, a, wp, bias, q, nth):
+    """Thread q of nth of :func:`matmul`: its chunks of CHUNK rows, every panel."""
     m = a.shape[0]
     chunks = (m + CHUNK - 1) // CHUNK
+    for chunk in range(q * chunks // nth, (q + 1) * chunks // nth):
+        gemm_panels(fn, c, a, wp, bias, np.int64(0), wp.shape[0], chunk * CHUNK, min(m, (chunk + 1) * CHUNK))
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _matmul_into(fn, c, a, wp, bias, nth):
     for q in prange(nth):
-        for chunk in range(q * chunks // nth, (q + 1) * chunks // nth):
-            gemm_panels(fn, c, a, wp, bias, np.int64(0), wp.shape[0], chunk * CHUNK, min(m, (chunk + 1) * CHUNK))
+        _matmul_part(fn, c, a, wp, bias, np.int64(q), nth)
 
 
 def matmul(a: np.ndarray, wp: np.ndarray, bias: np.ndarray, nth: int | None = None) -> np.ndarray:
     """``a @ W + bias`` over whole panels: ``[M, P * PANEL]`` (the hoisted GEMM: M = T*B rows).
 
-    ``nth`` None: :func:`threads_for` the whole product.
+    ``nth`` None: :func:`threads_for` the whole product. ``nth`` 1 runs on the calling thread
+    (no parallel region); more runs one parallel region under :func:`pool.region`.
     """
     c = np.empty((a.shape[0], wp.shape[0] * wp.shape[2]), dtype=a.dtype)
     if nth is None:
         nth = threads_for(a.shape[0], wp.shape[1] * c.shape[1])
     if a.strides[1] != a.itemsize:
         a = np.ascontiguousarray(a)
-    _matmul_into(PANELS, c, a, wp, bias, nth)
+    if nth == 1:
+        _matmul_part(PANELS, c, a, wp, bias, np.int64(0), np.int64(1))
+    else:
+        with _pool.region():
+            _matmul_into(PANELS, c, a, wp, bias, nth)
     return c
+
+
+@njit(cache=True, nogil=True)
+def _matmul_steps_part(fn, c, a, wp, bias, q, nth):
+    """Thread q of nth of :func:`matmul_steps`: its time steps, every row and panel."""
+    steps = a.shape[0]
+    for t in range(q * steps // nth, (q + 1) * steps // nth):
+        gemm_panels(fn, c[t], a[t], wp, bias, np.int64(0), wp.shape[0], np.int64(0), a.shape[1])
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _matmul_steps_into(fn, c, a, wp, bias, nth):
-    steps = a.shape[0]
     for q in prange(nth):
-        for t in range(q * steps // nth, (q + 1) * steps // nth):
-            gemm_panels(fn, c[t], a[t], wp, bias, np.int64(0), wp.shape[0], np.int64(0), a.shape[1])
+        _matmul_steps_part(fn, c, a, wp, bias, np.int64(q), nth)
 
 
 def matmul_steps(xs: np.ndarray, wp: np.ndarray, bias: np.ndarray, nth: int | None = None) -> np.ndarray:
@@ -283,7 +302,12 @@ def matmul_steps(xs: np.ndarray, wp: np.ndarray, bias: np.ndarray, nth: int | No
     c = np.empty((steps, rows, width), dtype=xs.dtype)
     if nth is None:
         nth = threads_for(steps * rows, k * width)
-    _matmul_steps_into(PANELS, c, xs, wp, bias, min(nth, steps))
+    nth = min(nth, steps)
+    if nth == 1:
+        _matmul_steps_part(PANELS, c, xs, wp, bias, np.int64(0), np.int64(1))
+    else:
+        with _pool.region():
+            _matmul_steps_into(PANELS, c, xs, wp, bias, nth)
     return c
 
 
@@ -292,11 +316,21 @@ def compile_shared(dtype=np.float32) -> None:
 
     :func:`gemm_panels` on contiguous and on strided (batch-major view) operands, through
     :func:`matmul` and :func:`matmul_steps`. Kernels pass the panel and row bounds as int64
-    variables, never literal ints, so they share these compiled signatures.
+    variables, never literal ints, so they share these compiled signatures. The parallel
+    regions of both are compiled for the same operands without being started.
     """
     wp, bias = pack(np.zeros((8, 8), dtype)), pad_bias(None, 8, dtype)
-    matmul(np.zeros((8, 8), dtype), wp, bias, 1)
-    matmul_steps(np.zeros((8, 2, 8), dtype).transpose(1, 0, 2), wp, bias, 1)
+    a, xs = np.zeros((8, 8), dtype), np.zeros((8, 2, 8), dtype).transpose(1, 0, 2)
+    c = matmul(a, wp, bias, 1)
+    c_steps = matmul_steps(xs, wp, bias, 1)
+    _matmul_into.compile(tuple(map(typeof, (PANELS, c, a, wp, bias, 2))))
+    _matmul_steps_into.compile(tuple(map(typeof, (PANELS, c_steps, xs, wp, bias, 2))))
+
+
+def get_num_threads() -> int:
+    """Threads a kernel call may use: Numba's thread count, 1 in a forked child that may not
+    start a parallel region (:func:`cellgen.runtime.pool.max_threads`)."""
+    return _pool.max_threads()
 
 
 def threads_for(rows: int, work_per_row: int) -> int:
