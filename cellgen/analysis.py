@@ -121,7 +121,7 @@ class _Analysis:
     # -- the hoisted GEMM ------------------------------------------------------------
     def hoisted_gemm(self) -> tuple[HoistedGemm | None, dict[str, sympy.Expr], dict[str, sympy.Expr]]:
         """Columns: direct blocks of every linear reading x, then delayed blocks (x_{t-1})."""
-        spec, isize = self.spec, self.spec.input.size
+        isize = self.spec.input.size
         direct: dict[str, sympy.Expr] = {}
         delayed: dict[str, sympy.Expr] = {}
         blocks: list[WeightBlock] = []
