@@ -53,10 +53,12 @@ CLASSES = (
 )
 
 #: Names the generated code uses for itself (kernel loop variables, arrays, arguments, modules).
+#: Not ``num_units`` / ``input_size``: those are the DSL's own size names, which no vector or
+#: hyperparameter may take (a SpecError, tests/test_spec_errors.py).
 GENERATOR_NAMES = (
     "b", "j", "t", "T", "B", "out", "lengths", "np", "math", "pre", "pre_t", "pre_prev", "pre0", "x_t",
     "x_prev", "xs", "w_in", "b_in", "sizes", "dtype", "params", "state", "hyper", "num_proj", "s_h", "p_k",
-    "t0", "t1", "_v0", "_v1", "num_units", "input_size", "nth", "chunk", "q", "sync", "gemm_fn", "rec0",
+    "t0", "t1", "_v0", "_v1", "nth", "chunk", "q", "sync", "gemm_fn", "rec0",
     "opnd0", "s_c", "s_h_new", "h_new", "v_x", "_y", "new_state", "State", "cuda", "range", "min", "max",
     "len", "float", "prange", "njit", "_rt", "_gemm", "kernel", "bias", "b0", "b1", "s0", "s1", "tb",
     "thread", "serial", "packed", "recurrent", "w_hoisted", "b_hoisted", "b_zero", "finals", "inputs",

@@ -64,19 +64,19 @@ CASES: tuple[Case, ...] = tuple((name, b, t) for name in MODULES for b, t in SHA
 
 @contextmanager
 def _counting_regions() -> Iterator[list[int]]:
-    """Counts the parallel regions started (pool.region() taken) while inside."""
+    """Counts the parallel regions started (pool.parallel called) while inside."""
     count = [0]
-    real = pool.region
+    real = pool.parallel
 
-    def spy():
+    def spy(fn, *args):
         count[0] += 1
-        return real()
+        return real(fn, *args)
 
-    pool.region = spy
+    pool.parallel = spy
     try:
         yield count
     finally:
-        pool.region = real
+        pool.parallel = real
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +282,33 @@ def test_layer_priority_puts_tbb_last() -> None:
     if not pool.user_chose_layer():
         assert list(config.THREADING_LAYER_PRIORITY) == pool.PRIORITY
     assert pool.PRIORITY[-1] == "tbb"
+
+
+def test_regions_of_worker_threads_start_on_one_thread() -> None:
+    """GNU OpenMP keeps a team per OS thread that starts regions: every Python thread but the main
+    one hands its region to the one region thread (pool.parallel), errors come back to the caller."""
+    names: list[str] = []
+    workers = [threading.Thread(target=lambda: names.append(pool.parallel(lambda: threading.current_thread().name)))
+               for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(TIMEOUT)
+    assert names == ["cellgen-parallel-region"] * 4
+    assert pool.parallel(lambda: threading.current_thread().name) == threading.main_thread().name
+
+    def fails() -> None:
+        raise ZeroDivisionError("inside the region")
+
+    raised: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            pool.parallel(fails)
+        except ZeroDivisionError as exc:
+            raised.append(exc)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    worker.join(TIMEOUT)
+    assert len(raised) == 1 and str(raised[0]) == "inside the region"

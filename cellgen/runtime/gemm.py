@@ -262,8 +262,7 @@ def matmul(a: np.ndarray, wp: np.ndarray, bias: np.ndarray, nth: int | None = No
     if nth == 1:
         _matmul_part(PANELS, c, a, wp, bias, np.int64(0), np.int64(1))
     else:
-        with _pool.region():
-            _matmul_into(PANELS, c, a, wp, bias, nth)
+        _pool.parallel(_matmul_into, PANELS, c, a, wp, bias, nth)
     return c
 
 
@@ -306,8 +305,7 @@ def matmul_steps(xs: np.ndarray, wp: np.ndarray, bias: np.ndarray, nth: int | No
     if nth == 1:
         _matmul_steps_part(PANELS, c, xs, wp, bias, np.int64(0), np.int64(1))
     else:
-        with _pool.region():
-            _matmul_steps_into(PANELS, c, xs, wp, bias, nth)
+        _pool.parallel(_matmul_steps_into, PANELS, c, xs, wp, bias, nth)
     return c
 
 
