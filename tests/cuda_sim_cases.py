@@ -198,3 +198,24 @@ def test_empty_batch_or_time(name: str, batch: int, steps: int) -> None:
     _close(out, ref_out, np.float64)
     for got, want in zip(final, ref_final, strict=True):
         _close(got, want, np.float64)
+
+
+def test_random_specs_on_the_simulator(tmp_path_factory) -> None:
+    """A sample of the differential fuzzer's random specs (test_fuzz.py) on backend="cuda":
+    against the evaluator of their equations, float64 (CELLGEN_FUZZ_CUDA_EXAMPLES, default 6)."""
+    import os
+
+    from fuzz_specs import check_spec, degenerate, specs
+    from hypothesis import HealthCheck, Phase, assume, given, seed, settings
+
+    @seed(int(os.environ.get("CELLGEN_FUZZ_SEED", "0")) + 1)
+    @settings(max_examples=int(os.environ.get("CELLGEN_FUZZ_CUDA_EXAMPLES", "6")), deadline=None, database=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(fz=specs())
+    def run(fz) -> None:
+        folder = tmp_path_factory.mktemp("fuzz_cuda")
+        (folder / "probe.py").write_text(fz.text)
+        assume(not degenerate(folder / "probe.py"))
+        check_spec(fz, folder, dtypes=(np.float64,), backends=("cuda",))
+
+    run()
