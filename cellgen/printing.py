@@ -145,18 +145,33 @@ class NumbaPrinter(PythonCodePrinter):
 
     # -- arithmetic --------------------------------------------------------------------
     def _print_Pow(self, expr: sympy.Pow, rational: bool = False) -> str:
+        """Powers as products, quotients and ``math.sqrt``; every form is one operand in the text
+        around it (parenthesised), whatever SymPy's precedence of a Pow would let the Mul printer
+        assume: ``w/(1 + s**2)**2`` must not print as ``w/(s*s + 1)*(s*s + 1)``."""
         base, exp = expr.base, expr.exp
-        prec = sympy.printing.precedence.precedence(expr)
-        if exp == -1:
-            return f"{self._literal(1.0)} / {self.parenthesize(base, prec)}"
         if exp == sympy.Rational(1, 2):
             return f"math.sqrt({self._print(base)})"
         if exp == sympy.Rational(-1, 2):
-            return f"{self._literal(1.0)} / math.sqrt({self._print(base)})"
+            return f"({self._literal(1.0)} / math.sqrt({self._print(base)}))"
+        factor = self._operand(base)
+        if exp == -1:
+            return f"({self._literal(1.0)} / {factor})"
         if exp.is_Integer and 2 <= int(exp) <= 4:
-            factor = self.parenthesize(base, prec)
-            return "*".join([factor] * int(exp))
-        return f"{self.parenthesize(base, prec)}**{self._print(exp)}"
+            return "(" + "*".join([factor] * int(exp)) + ")"
+        return f"{factor}**{self._print(exp)}"
+
+    @staticmethod
+    def _self_contained(exp: sympy.Expr) -> bool:
+        """The exponents whose printed power is a call or parenthesised already (not ``b**e``)."""
+        return exp in (-1, sympy.Rational(1, 2), sympy.Rational(-1, 2)) or (exp.is_Integer and 2 <= int(exp) <= 4)
+
+    def _operand(self, expr: sympy.Expr) -> str:
+        """``expr`` printed as one operand: a name, an array read, a call or a non-negative number
+        as it is, anything else in parentheses."""
+        text = self._print(expr)
+        atomic = expr.is_Symbol or isinstance(expr, sympy.Indexed | sympy.Function) or (
+            expr.is_Number and expr >= 0) or (isinstance(expr, sympy.Pow) and self._self_contained(expr.exp))
+        return text if atomic else f"({text})"
 
     def _print_Max(self, expr: sympy.Max) -> str:
         return self._nest(">", expr.args)

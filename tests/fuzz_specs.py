@@ -74,7 +74,7 @@ PARAM_NAMES = ("kernel", "bias", "b", "j", "w_in", "b_in", "gates/kernel", "gate
 API_KEYWORDS = frozenset({
     "params", "inputs", "state", "sequence_length", "initial_state", "time_major", "backend", "params_fw",
     "params_bw", "initial_state_fw", "initial_state_bw", "input_size", "num_units", "dtype", "seed",
-    "batch_size",
+    "batch_size", *(name for names in dsl.RESERVED.values() for name in names),
 })
 CELL_NAMES = ("np", "math", "cell", "State", "numba", "gemm", "runtime", "out", "t", "b", "lengths")
 

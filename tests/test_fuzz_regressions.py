@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from fuzz_specs import check_spec, from_text
 
-HEAD = "from cellgen.dsl import NUM_UNITS, Cell, tanh\n\n"
+HEAD = "from cellgen.dsl import NUM_UNITS, Cell, exp, sqrt, tanh\n\n"
 
 CASES: dict[str, tuple[str, dict]] = {
     # issue 9 §1: the cpu output was the new h (an in-place store read as the old value)
@@ -63,6 +63,14 @@ cell.update(d, x)
 g = cell.linear([d], gates=("g",), kernel="k", bias=None)
 cell.output(d + g)
 """, {"input_size": 4}),
+    # new: a power in a denominator, w/(1 + s**2)**2, printed as w/(s*s + 1)*(s*s + 1) in the kernels
+    # (the unrolled power lost its parentheses to the Mul printer): float64 cpu state off by 2e-3
+    "power_in_a_denominator": ("""
+cell = Cell("c"); x = cell.input(); s0 = cell.state("b_zero"); w0 = cell.param("SIZES", init=0.5)
+cell.update(s0, tanh(3 * sqrt(1 + (w0 / (1 + s0**2))**2)))
+g0, g1, g2 = cell.linear([1 / (1 + exp(-x))], gates=3, kernel="p2v", bias=None)
+cell.output(g1 + 0.5 * tanh(g0))
+""", {}),
     # new: a cell with no parameter at all: every call raises KeyError: '' (num_units is the input's width)
     "no_parameters": ("""
 cell = Cell("c"); x = cell.input(size=NUM_UNITS); h = cell.state("h")
