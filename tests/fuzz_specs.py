@@ -773,7 +773,16 @@ def degenerate(path: Path) -> bool:
         return any(str(s) in vectors for s in e.free_symbols)
 
     exprs = [o for lin in cell.linears for o in lin.operands] + [cell.outputs[0][0]] + [u.expr for u in cell.updates]
-    return not all(is_vector(e) for e in exprs)
+    if not all(is_vector(e) for e in exprs):
+        return True
+    # the same after cell.updated(s) is resolved: s0 - updated(s1) with s1 <- s0 is the scalar 0
+    from cellgen.spec import SpecError, load_spec
+
+    try:
+        load_spec(path)
+    except SpecError as err:
+        return "is a scalar" in err.message or "must be a vector" in err.message
+    return False
 
 
 __all__ = ["CLASSES", "Evaluator", "FuzzSpec", "assert_close", "build_spec", "check_spec", "degenerate", "from_text",
