@@ -6,6 +6,6 @@ Pipeline: spec file --load--> CellSpec --analyse--> FusedPlan --passes--> FusedP
 
 __version__ = "0.1.0"
 
-from cellgen.stack import multi_rnn  # noqa: E402
+from cellgen.runtime.stack import multi_rnn  # noqa: E402
 
 __all__ = ["__version__", "multi_rnn"]

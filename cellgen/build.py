@@ -15,19 +15,21 @@ from pathlib import Path
 
 import sympy
 
-from cellgen import __version__
-from cellgen.analysis import analyse
-from cellgen.passes import run_passes
-from cellgen.plan import FusedPlan
-from cellgen.render import render_module, templates_digest
-from cellgen.spec import DEFAULT_TIMEOUT, CellSpec, SpecError, load_spec
-from cellgen.verify import Module, verify
+from cellgen import __version__, backends
+from cellgen.ir.analysis import analyse
+from cellgen.ir.passes import run_passes
+from cellgen.ir.plan import FusedPlan
+from cellgen.codegen.render import render_module, templates_digest
+from cellgen.frontend.spec import DEFAULT_TIMEOUT, CellSpec, SpecError, load_spec
+from cellgen.codegen.verify import Module, verify
 
-REPO = Path(__file__).resolve().parent.parent
+PACKAGE = Path(__file__).resolve().parent
+REPO = PACKAGE.parent
 GENERATED = REPO / "generated"
 #: The compiler's own stages: their source is part of every generated module's key.
-COMPILER_MODULES = ("dsl", "spec", "analysis", "plan", "passes", "printing", "render", "render_cuda", "build",
-                    "runtime/gemm")
+#: The folders (and modules) of the compiler's stages: every .py file in them is part of each module's key,
+#: so no stage or backend can change without the build key changing (a registered backend's folder too).
+COMPILER_PARTS = ("frontend", "ir", "codegen", "backends", "build.py")
 
 
 @dataclass(frozen=True)
@@ -48,13 +50,25 @@ def compile_spec(path: str | Path, timeout: float | None = DEFAULT_TIMEOUT) -> t
     return spec, run_passes(analyse(spec))
 
 
+def compiler_sources() -> list[Path]:
+    """Every source file of the compiler's stages and of every registered backend, in a fixed order."""
+    files = set()
+    for part in COMPILER_PARTS:
+        path = PACKAGE / part
+        files.update(path.rglob("*.py") if path.is_dir() else [path])
+    for backend in backends.REGISTRY.values():
+        files.update(backend.folder.rglob("*.py"))
+    return sorted(files, key=lambda f: f.as_posix())
+
+
 def spec_key(spec: CellSpec) -> str:
     """sha256 over the spec's srepr, the generator version, its compiler stages and the templates."""
     h = hashlib.sha256()
     h.update(__version__.encode())
     h.update(templates_digest().encode())
-    for module in COMPILER_MODULES:
-        h.update((Path(__file__).parent / f"{module}.py").read_bytes())
+    for source in compiler_sources():
+        h.update(source.relative_to(PACKAGE).as_posix().encode())
+        h.update(source.read_bytes())
     for part in (spec.name, spec.doc, spec.updates, spec.output, spec.linears, spec.states, spec.params,
                  spec.hypers, spec.sizes):
         h.update(sympy.srepr(part).encode() if isinstance(part, sympy.Basic) else repr(part).encode())

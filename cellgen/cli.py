@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cellgen.spec import SpecError
+from cellgen.frontend.spec import SpecError
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -29,7 +29,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     from cellgen.build import compile_spec
-    from cellgen.show import describe
+    from cellgen.tools.show import describe
 
     for path in args.specs:
         _, plan = compile_spec(path, args.timeout)
@@ -57,7 +57,7 @@ def _sizes(items: list[str] | None) -> dict[str, int]:
 
 
 def _add_timeout(p: argparse.ArgumentParser) -> None:
-    from cellgen.spec import DEFAULT_TIMEOUT
+    from cellgen.frontend.spec import DEFAULT_TIMEOUT
 
     p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help=f"stop a spec file that runs longer (default {DEFAULT_TIMEOUT:g}; 0 = no limit)")
@@ -94,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("specs", nargs="+")
     _add_timeout(c)
     c.set_defaults(fn=_cmd_check)
-    for extra in ("cellgen.demo", "cellgen.bench", "cellgen.inspect"):
+    for extra in ("cellgen.tools.demo", "cellgen.tools.bench", "cellgen.tools.sass"):
         try:
             module = __import__(extra, fromlist=["register"])
         except ImportError:

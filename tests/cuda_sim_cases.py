@@ -20,7 +20,7 @@ import pytest
 from references import STEPS, bidirectional_dynamic_rnn, dynamic_rnn, multi_rnn, random_params, state_sizes
 
 from cellgen.build import build
-from cellgen.stack import multi_rnn as cellgen_multi_rnn
+from cellgen.runtime.stack import multi_rnn as cellgen_multi_rnn
 
 SPECS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "specs").glob("*.py"))
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
@@ -180,7 +180,7 @@ def test_unfused_fallback_kernels(tmp_path: Path, dtype) -> None:
 
 def test_bench_cuda_runs_as_written() -> None:
     """The GPU benchmark's code path (the simulator records no time: only the rows are checked)."""
-    from cellgen.bench_cuda import bench_cuda
+    from cellgen.tools.bench_cuda import bench_cuda
 
     rows = bench_cuda([_module("lstm"), _module("qrnn")], [("tiny", (2, 2, 3, 4))], repeat=1, warmup=0)
     assert [(r["cell"], r["impl"]) for r in rows] == [("lstm", "cellgen cuda"), ("qrnn", "cellgen cuda")]

@@ -37,7 +37,7 @@ import numpy as np
 import sympy
 from hypothesis import strategies as st
 
-from cellgen import dsl
+from cellgen.frontend import dsl
 
 #: Bug classes a spec may belong to (tags); ``exclude`` in :func:`specs` leaves them out.
 CLASSES = (
@@ -776,7 +776,7 @@ def degenerate(path: Path) -> bool:
     if not all(is_vector(e) for e in exprs):
         return True
     # the same after cell.updated(s) is resolved: s0 - updated(s1) with s1 <- s0 is the scalar 0
-    from cellgen.spec import SpecError, load_spec
+    from cellgen.frontend.spec import SpecError, load_spec
 
     try:
         load_spec(path)

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import sympy
 
-from cellgen.analysis import analyse, delay_states, linear_order
+from cellgen.ir.analysis import analyse, delay_states, linear_order
 from cellgen.build import build, compile_spec
 from cellgen.dsl import INPUT_SIZE, NUM_UNITS
-from cellgen.plan import FusedPlan
-from cellgen.spec import load_spec
+from cellgen.ir.plan import FusedPlan
+from cellgen.frontend.spec import load_spec
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 IN, H = INPUT_SIZE, NUM_UNITS

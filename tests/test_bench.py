@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cellgen.bench import Result, merge_rounds
+from cellgen.tools.bench import Result, merge_rounds
 
 REPO = Path(__file__).resolve().parent.parent
 

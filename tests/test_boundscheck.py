@@ -30,7 +30,7 @@ CHILD = textwrap.dedent("""
         pass
     from pathlib import Path
     from cellgen.build import build
-    from cellgen.runtime import gemm
+    from cellgen.backends.cpu import gemm
 
     root, specs = sys.argv[1], sys.argv[2:]
     build(specs, Path(root) / "gen_bc")

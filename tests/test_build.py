@@ -9,7 +9,7 @@ import pytest
 
 from cellgen import cli
 from cellgen.build import GENERATED, build, generate, spec_key, stale, write_if_changed
-from cellgen.spec import load_spec
+from cellgen.frontend.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = REPO / "specs"

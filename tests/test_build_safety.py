@@ -20,12 +20,13 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from cellgen import cli, verify
+from cellgen import cli
+from cellgen.codegen import verify
 from cellgen import build as build_module
 from cellgen.build import build, stale, write_all
-from cellgen.dsl import INITIALISERS, RESERVED
+from cellgen.frontend.dsl import INITIALISERS, RESERVED
 from cellgen.runtime import params as runtime_params
-from cellgen.spec import SpecError, load_spec
+from cellgen.frontend.spec import SpecError, load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 HEAD = "import math\nfrom cellgen.dsl import Cell, tanh\n"

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from cellgen.build import compile_spec
-from cellgen.inspect import inspect_specs, occupancy, parse_log
-from cellgen.render_cuda import gate_of, gpu_double_buffered, stage_layouts
-from cellgen.runtime.cuda import interleave
+from cellgen.tools.sass import inspect_specs, occupancy, parse_log
+from cellgen.backends.cuda.context import gate_of, gpu_double_buffered, stage_layouts
+from cellgen.backends.cuda.runtime import interleave
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = sorted((REPO / "specs").glob("*.py"))
@@ -56,7 +56,7 @@ def test_gpu_double_buffers_states_a_fused_kernel_reads_whole(name: str, expecte
 def test_gate_of_and_interleave() -> None:
     import sympy
 
-    from cellgen.plan import UNIT
+    from cellgen.ir.plan import UNIT
 
     n = sympy.Symbol("num_units", positive=True, integer=True)
     assert [gate_of(UNIT + k * n, n, 4) for k in range(4)] == [0, 1, 2, 3]
@@ -95,7 +95,7 @@ class Block:
 sys.meta_path.insert(0, Block())
 import numpy as np
 import generated.gru as m
-from cellgen.runtime.cuda import CudaUnavailable
+from cellgen.backends.cuda.runtime import CudaUnavailable
 params, x = m.init_params(3, 4, seed=0), np.zeros((2, 3, 3), np.float32)
 assert m.dynamic_rnn(params, x)[0].shape == (2, 3, 4)
 try:

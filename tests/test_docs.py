@@ -76,7 +76,7 @@ def test_readme_links_resolve() -> None:
 def test_documented_error_messages_are_real() -> None:
     """Each example message in docs/dsl.md's table comes from spec.py's wording."""
     text = (DOCS / "dsl.md").read_text()
-    source = (REPO / "cellgen" / "spec.py").read_text() + (REPO / "cellgen" / "analysis.py").read_text()
+    source = "".join(p.read_text() for p in sorted((REPO / "cellgen").rglob("*.py")))
     for fragment in ("is not a state (declare it with cell.state)", "state is never updated (add cell.update)",
                      "cycle between updated states", "cycle between linears", "is declared twice",
                      "is already used", "non-elementwise operation", "unknown function"):

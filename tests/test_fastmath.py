@@ -17,7 +17,7 @@ import sympy
 from numba import njit
 
 from cellgen.build import build
-from cellgen.printing import TANH_CLAMP, NumbaPrinter, rational_tanh
+from cellgen.codegen.printing import TANH_CLAMP, NumbaPrinter, rational_tanh
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = ("basic_rnn", "basic_lstm", "gru", "gru_cudnn", "lstm", "qrnn", "qrnn_f", "qrnn_ifo")

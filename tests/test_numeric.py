@@ -112,7 +112,7 @@ def test_step_loop_layouts_match_reference(name: str, dtype, batch: int, threads
     batch rows (gemm.split_rows), and one batch row split over 2 threads (GEMM panels split,
     one thread's epilogue rows empty); batch-major (rows of a step strided) and time-major
     inputs."""
-    from cellgen.runtime import gemm
+    from cellgen.backends.cpu import gemm
 
     if threads == 2 and batch > 1:
         assert gemm.split_rows(batch, 2)  # 26 rows: by rows unless told otherwise
@@ -147,7 +147,7 @@ def test_one_row_scan_split_by_units_matches_reference(name: str, dtype, monkeyp
     """A one-row scan on 2 threads splits by units (gemm.scan_unit_split): 3 column panels
     per gate, so the threads get 1 and 2; the projection by blocks of ROWS steps, the last
     one partial; a length short of T; batch-major and time-major inputs."""
-    from cellgen.runtime import gemm
+    from cellgen.backends.cpu import gemm
 
     m = module(name)
     units, steps = 3 * gemm.panel_width(dtype), 11

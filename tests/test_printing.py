@@ -8,8 +8,8 @@ import pytest
 import sympy
 
 from cellgen.dsl import NUM_UNITS, sigmoid
-from cellgen.plan import UNIT
-from cellgen.printing import NumbaPrinter, NumPyVectorPrinter, atomic_minmax, print_index
+from cellgen.ir.plan import UNIT
+from cellgen.codegen.printing import NumbaPrinter, NumPyVectorPrinter, atomic_minmax, print_index
 
 x, y, c = sympy.symbols("x y c", real=True)
 j, n = UNIT, NUM_UNITS

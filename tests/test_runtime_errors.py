@@ -153,7 +153,7 @@ def test_hyper_of_a_cell_without_hypers(inputs) -> None:
 
 
 def test_unknown_backend(params, inputs) -> None:
-    with pytest.raises(ValueError, match=r"backend must be one of reference, cpu.*got 'tpu'"):
+    with pytest.raises(ValueError, match=r"backend must be one of cpu, cuda, reference, got 'tpu'"):
         lstm.dynamic_rnn(params, inputs, backend="tpu")
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from cellgen import cli
 from cellgen.build import build, compile_spec
-from cellgen.spec import SpecError, load_spec
+from cellgen.frontend.spec import SpecError, load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 HEADER = "import sympy\nfrom cellgen.dsl import INPUT_SIZE, Cell, sigmoid, tanh\n\n"

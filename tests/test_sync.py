@@ -1,4 +1,4 @@
-"""cellgen.runtime.sync: the barrier keeps threads in lockstep; a rendezvous that not every
+"""cellgen.backends.cpu.sync: the barrier keeps threads in lockstep; a rendezvous that not every
 thread reaches is called off, and a generated kernel then runs its loop on one thread."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import references as ref
 from numba import njit
 
-from cellgen.runtime import gemm, sync
+from cellgen.backends.cpu import gemm, sync
 
 
 @njit(nogil=True)

@@ -30,7 +30,7 @@ CONFIGS = {  # name -> environment
 _CHILD = """
 import sys, numpy as np, numba
 sys.path.insert(0, {root!r})
-from cellgen.runtime import gemm
+from cellgen.backends.cpu import gemm
 out = {{}}
 for name in {specs!r}:
     mod = __import__("gen_threads." + name, fromlist=["x"])

@@ -1,12 +1,14 @@
 """Hand-written runtime the generated modules share: argument checks, the dynamic_rnn driver,
 reverse-by-length and parameter helpers. Nothing here depends on a particular cell.
 
-Importing it first picks the process's threading layer (:mod:`cellgen.runtime.pool`), before
+Importing it first picks the process's threading layer (:mod:`cellgen.backends.cpu.pool`), before
 any parallel kernel is compiled or launched."""
 
-from cellgen.runtime import pool  # noqa: F401  (first: the threading layer, before any kernel)
+from cellgen.backends.cpu import pool  # noqa: F401  (first: the threading layer, before any kernel)
 
 from cellgen.runtime.driver import (
+    HOST,
+    BackendRun,
     CellInfo,
     bidirectional_dynamic_rnn,
     cell_step,
@@ -16,6 +18,6 @@ from cellgen.runtime.driver import (
 from cellgen.runtime.params import as_rows, check_params, init_params, size_from, take_sizes
 
 __all__ = [
-    "CellInfo", "as_rows", "bidirectional_dynamic_rnn", "cell_step", "check_params", "dynamic_rnn",
-    "init_params", "reverse_sequence", "size_from", "take_sizes",
+    "HOST", "BackendRun", "CellInfo", "as_rows", "bidirectional_dynamic_rnn", "cell_step", "check_params",
+    "dynamic_rnn", "init_params", "reverse_sequence", "size_from", "take_sizes",
 ]

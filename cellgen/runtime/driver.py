@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -28,9 +29,8 @@ class CellInfo:
     infer_sizes: Callable
     input_width: Callable
     input_size_expr: str
-    reference_step: Callable
     pack: Callable
-    backends: dict[str, Callable] = field(default_factory=dict)
+    backends: dict[str, BackendRun] = field(default_factory=dict)  # backend name -> its entry
 
 
 @dataclass
@@ -65,60 +65,76 @@ def prepare(cell: CellInfo, params, inputs, sequence_length, initial_state, time
     return Call(xs, lengths, states, checked, checks.hyper_values(hyper, cell.hyper, xs.dtype), sizes)
 
 
-def run(cell: CellInfo, call: Call, backend: str) -> tuple[np.ndarray, list[np.ndarray]]:
+class HostArrays:
+    """Where the cpu and reference backends' arrays live: NumPy, on the host.
+
+    A backend whose arrays live elsewhere (cuda: :class:`cellgen.backends.cuda.runtime.DeviceArrays`)
+    gives the driver an object with these four methods; the driver itself never names a backend.
+    """
+
+    def prepare(self, cell: CellInfo, params, inputs, sequence_length, initial_state, time_major: bool,
+                hyper: dict, argument: str = "initial_state") -> Call:
+        return prepare(cell, params, inputs, sequence_length, initial_state, time_major, hyper, argument)
+
+    def reverse_sequence(self, x, lengths):
+        return reverse_sequence(x, lengths)
+
+    def last_input(self, call: Call, k: int) -> np.ndarray:
+        """A delay state's final value: the input at each sequence's last valid step."""
+        final = call.states[k].copy()
+        rows = np.nonzero(call.lengths > 0)[0]
+        final[rows] = call.xs[call.lengths[rows] - 1, rows]
+        return final
+
+    def finish(self, cell: CellInfo, out, states: list, time_major: bool, call: Call):
+        """The user's results: outputs batch-major unless ``time_major``, the states as a State."""
+        if not time_major:
+            out = np.ascontiguousarray(out.transpose(1, 0, 2))
+        return out, cell.state_class(*states)
+
+
+HOST = HostArrays()
+
+
+@dataclass(frozen=True)
+class BackendRun:
+    """What a generated module registers for one backend (``_backend_<name>``, templates/<name>/).
+
+    ``run(packed, params, xs, lengths, states, hyper, sizes)`` runs the whole time loop on the
+    call's arrays (time-major ``xs``, ``cell.pack``'s fused weights when ``packs``) and returns the
+    time-major outputs [T, B, out] and the final values of the recurrent (non-delay) states in
+    STATE order; ``arrays`` is where its arrays live (:class:`HostArrays` or a device's).
+    """
+
+    run: Callable
+    arrays: Any = HOST
+    packs: bool = True
+
+
+def backend_run(cell: CellInfo, backend: str) -> BackendRun:
+    """The module's entry for ``backend``; ValueError naming the module's backends otherwise."""
+    if not isinstance(backend, str) or backend not in cell.backends:
+        raise ValueError(f"backend must be one of {', '.join(cell.backends)}, got {backend!r}")
+    return cell.backends[backend]
+
+
+def run(cell: CellInfo, call: Call, entry: BackendRun) -> tuple[Any, list[Any]]:
     """Time-major outputs [T, B, out] and the final states, in STATE order."""
-    if backend == "reference":
-        return _run_reference(cell, call)
-    if backend not in cell.backends:
-        raise ValueError(f"backend must be one of {', '.join(['reference', *cell.backends])}, got {backend!r}")
-    packed = cell.pack(call.params, call.sizes)
-    out, finals = cell.backends[backend](packed, call.params, call.xs, call.lengths, call.states, call.hyper,
-                                        call.sizes)
+    packed = cell.pack(call.params, call.sizes) if entry.packs else None
+    out, finals = entry.run(packed, call.params, call.xs, call.lengths, call.states, call.hyper, call.sizes)
     finals = iter(finals)
-    states = []
-    for k, is_delay in enumerate(cell.input_state):
-        states.append(_last_input(call, k) if is_delay else np.asarray(next(finals)))
+    states = [entry.arrays.last_input(call, k) if is_delay else next(finals)
+              for k, is_delay in enumerate(cell.input_state)]
     return out, states
-
-
-def _last_input(call: Call, k: int) -> np.ndarray:
-    """A delay state's final value: the input at each sequence's last valid step."""
-    final = call.states[k].copy()
-    rows = np.nonzero(call.lengths > 0)[0]
-    final[rows] = call.xs[call.lengths[rows] - 1, rows]
-    return final
-
-
-def _run_reference(cell: CellInfo, call: Call) -> tuple[np.ndarray, list[np.ndarray]]:
-    max_time, batch, _ = call.xs.shape
-    out_size = cell.output_size(call.sizes["num_units"], **_extra(call.sizes))
-    outputs = np.zeros((max_time, batch, out_size), dtype=call.xs.dtype)
-    states = [s.copy() for s in call.states]
-    for t in range(max_time):
-        out, new = cell.reference_step(call.params, call.xs[t], cell.state_class(*states), call.hyper)
-        active = (t < call.lengths)[:, None]
-        outputs[t] = np.where(active, out, 0)
-        states = [np.where(active, n, s).astype(call.xs.dtype) for n, s in zip(new, states, strict=True)]
-    return outputs, states
-
-
-def _extra(sizes: dict[str, int]) -> dict[str, int]:
-    return {k: v for k, v in sizes.items() if k not in ("num_units",)}
 
 
 def dynamic_rnn(cell: CellInfo, params, inputs, *, sequence_length=None, initial_state=None, time_major=False,
                 backend="cpu", hyper=None):
     """TF 1.x ``dynamic_rnn``: outputs zero past each length, states copied through."""
-    if backend == "cuda":  # device arrays in and out: cellgen.runtime.cuda
-        from cellgen.runtime import cuda
-
-        return cuda.dynamic_rnn(cell, params, inputs, sequence_length=sequence_length, initial_state=initial_state,
-                                time_major=time_major, hyper=hyper)
-    call = prepare(cell, params, inputs, sequence_length, initial_state, time_major, hyper or {})
-    out, states = run(cell, call, backend)
-    if not time_major:
-        out = np.ascontiguousarray(out.transpose(1, 0, 2))
-    return out, cell.state_class(*states)
+    entry = backend_run(cell, backend)
+    call = entry.arrays.prepare(cell, params, inputs, sequence_length, initial_state, time_major, hyper or {})
+    out, states = run(cell, call, entry)
+    return entry.arrays.finish(cell, out, states, time_major, call)
 
 
 def cell_step(cell: CellInfo, params, inputs, state, hyper):
@@ -146,19 +162,14 @@ def bidirectional_dynamic_rnn(cell: CellInfo, params_fw, params_bw, inputs, *, s
                               hyper=None):
     """TF 1.x ``bidirectional_dynamic_rnn``: the backward pass sees each sequence reversed in its length."""
     hyper = hyper or {}
-    if backend == "cuda":  # device arrays in and out: cellgen.runtime.cuda
-        from cellgen.runtime import cuda
-
-        return cuda.bidirectional_dynamic_rnn(cell, params_fw, params_bw, inputs, sequence_length=sequence_length,
-                                              initial_state_fw=initial_state_fw, initial_state_bw=initial_state_bw,
-                                              time_major=time_major, hyper=hyper)
-    fw = prepare(cell, params_fw, inputs, sequence_length, initial_state_fw, time_major, hyper, "initial_state_fw")
-    bw = prepare(cell, params_bw, inputs, sequence_length, initial_state_bw, time_major, hyper, "initial_state_bw")
-    bw.xs = reverse_sequence(bw.xs, bw.lengths)
-    out_fw, state_fw = run(cell, fw, backend)
-    out_bw, state_bw = run(cell, bw, backend)
-    out_bw = reverse_sequence(out_bw, bw.lengths)
-    if not time_major:
-        out_fw = np.ascontiguousarray(out_fw.transpose(1, 0, 2))
-        out_bw = np.ascontiguousarray(out_bw.transpose(1, 0, 2))
-    return (out_fw, out_bw), (cell.state_class(*state_fw), cell.state_class(*state_bw))
+    entry = backend_run(cell, backend)
+    arrays = entry.arrays
+    fw = arrays.prepare(cell, params_fw, inputs, sequence_length, initial_state_fw, time_major, hyper,
+                        "initial_state_fw")
+    bw = arrays.prepare(cell, params_bw, inputs, sequence_length, initial_state_bw, time_major, hyper,
+                        "initial_state_bw")
+    bw.xs = arrays.reverse_sequence(bw.xs, bw.lengths)
+    out_fw, state_fw = arrays.finish(cell, *run(cell, fw, entry), time_major, fw)
+    out_bw, states_bw = run(cell, bw, entry)
+    out_bw, state_bw = arrays.finish(cell, arrays.reverse_sequence(out_bw, bw.lengths), states_bw, time_major, bw)
+    return (out_fw, out_bw), (state_fw, state_bw)

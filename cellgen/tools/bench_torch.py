@@ -1,6 +1,6 @@
 """`cellgen bench` helper: time ``torch.nn.LSTM`` / ``torch.nn.GRU`` in a process of its own.
 
-Run as ``python -m cellgen.bench_torch JOB.npz``; prints one JSON line. torch is never
+Run as ``python -m cellgen.tools.bench_torch JOB.npz``; prints one JSON line. torch is never
 imported next to Numba's OpenMP threading layer: loaded together, libgomp slowed torch's
 GRU sixfold here (docs/performance.md), and the comparison would not be honest.
 

@@ -8,7 +8,7 @@ T*B rows, then every recurrent GEMM once per step), no elementwise work:
   ``np.dot`` calls), called from a compiled loop so no Python overhead is counted. This is
   the issue's "GEMM floor": the limit of any implementation that calls BLAS per product.
 * **kernel floor**: the same products through cellgen's own packed micro-kernel
-  (:mod:`cellgen.runtime.gemm`), split over the same threads as the generated kernel (one
+  (:mod:`cellgen.backends.cpu.gemm`), split over the same threads as the generated kernel (one
   parallel region; by batch rows, or by column panels with a barrier after each product:
   ``gemm.split_rows``): the limit of the generated kernel itself.
 """
@@ -24,9 +24,9 @@ import sympy
 from numba import njit, prange
 from numba.extending import get_cython_function_address
 
-from cellgen.plan import FusedPlan
-from cellgen.runtime import gemm as _gemm
-from cellgen.runtime import sync as _sync
+from cellgen.ir.plan import FusedPlan
+from cellgen.backends.cpu import gemm as _gemm
+from cellgen.backends.cpu import sync as _sync
 
 _GEMM_TYPE = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 13))
 _sgemm = _GEMM_TYPE(get_cython_function_address("scipy.linalg.cython_blas", "sgemm"))

@@ -24,7 +24,7 @@ from typing import Any
 
 import sympy
 
-from cellgen.plan import (
+from cellgen.ir.plan import (
     OUT,
     PRE,
     PRE_PREV,
@@ -41,8 +41,8 @@ from cellgen.plan import (
     size_name,
     state_array,
 )
-from cellgen.printing import DTYPES, NumbaPrinter, print_index
-from cellgen.render import STEP_VIEWS, KernelPrinter
+from cellgen.codegen.printing import DTYPES, NumbaPrinter, print_index
+from cellgen.codegen.loops import STEP_VIEWS, KernelPrinter
 
 #: Threads of a step/scan/elementwise block: one warp along units, BLOCK_ROWS batch rows.
 BLOCK_UNITS, BLOCK_ROWS = 32, 4
@@ -365,7 +365,7 @@ class _Kernels:
         return kernels
 
 
-def cuda_context(plan: FusedPlan) -> dict[str, Any]:
+def context(plan: FusedPlan) -> dict[str, Any]:
     """Everything ``templates/cuda.py.j2`` needs, as plain strings, ints and lists of them."""
     k = _Kernels(plan)
     gpu = k.plan

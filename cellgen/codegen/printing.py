@@ -17,8 +17,8 @@ import sympy
 from sympy.printing.numpy import NumPyPrinter
 from sympy.printing.pycode import PythonCodePrinter
 
-from cellgen.dsl import sigmoid
-from cellgen.plan import UNIT, size_name
+from cellgen.frontend.dsl import sigmoid
+from cellgen.ir.plan import UNIT, size_name
 
 DTYPES = {"float32": "np.float32", "float64": "np.float64"}
 
@@ -26,7 +26,7 @@ DTYPES = {"float32": "np.float32", "float64": "np.float64"}
 class IndexPrinter(PythonCodePrinter):
     """Integer arithmetic on sizes and the unit index: ``3*n_num_units + j``.
 
-    Sizes print as their kernel variables (:func:`cellgen.plan.size_name`) unless ``raw``
+    Sizes print as their kernel variables (:func:`cellgen.ir.plan.size_name`) unless ``raw``
     (for people: ``cellgen show``, messages); ``names`` overrides single symbols.
     """
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import sympy
 
-from cellgen import dsl
-from cellgen.dsl import INPUT_SIZE, NUM_UNITS, Cell, DeclarationError, Where
+from cellgen.frontend import dsl
+from cellgen.frontend.dsl import INPUT_SIZE, NUM_UNITS, Cell, DeclarationError, Where
 
 #: Seconds a spec file may run before ``load_spec`` stops it (``cellgen ... --timeout``; 0: no limit).
 DEFAULT_TIMEOUT = 60.0

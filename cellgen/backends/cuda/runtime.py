@@ -211,7 +211,7 @@ def swap_time_batch(a) -> Any:
     return out
 
 
-def time_major(inputs, is_time_major: bool) -> Any:
+def to_time_major(inputs, is_time_major: bool) -> Any:
     """Device inputs -> C-contiguous [T, B, I] on the device (zero-copy when already so)."""
     arr = as_device(inputs)
     layout = "[max_time, batch_size, input_size]" if is_time_major else "[batch_size, max_time, input_size]"
@@ -247,7 +247,7 @@ def last_input(xs, lengths, initial) -> Any:
     return out
 
 
-# -- the driver ------------------------------------------------------------------------------------
+# -- where the arrays live: the driver's interface (cellgen.runtime.driver.HostArrays) -------------
 @dataclass
 class DeviceCall:
     """One checked call with its arrays on the device; ``on_host``: give NumPy arrays back."""
@@ -261,63 +261,45 @@ class DeviceCall:
     on_host: bool
 
 
-def prepare(cell: driver.CellInfo, params, inputs, sequence_length, initial_state, is_time_major: bool,
-            hyper: dict, argument: str = "initial_state") -> DeviceCall:
-    """Check every argument with the CPU driver's checks (on host copies of parameters, lengths and
-    states; on the shape alone for device inputs), then put the inputs, lengths and states on the device."""
-    numba_cuda()
-    host_params = {k: to_host(v) for k, v in params.items()} if isinstance(params, Mapping) else params
-    lengths = None if sequence_length is None else to_host(sequence_length)
-    state = _host_tree(initial_state)
-    on_host = not is_device_array(inputs)
-    if on_host:
-        call = driver.prepare(cell, host_params, inputs, lengths, state, is_time_major, hyper, argument)
-        xs = as_device(call.xs)
-    else:
-        xs = time_major(inputs, is_time_major)
-        shape_only = np.empty(xs.shape, np.dtype(xs.dtype))  # never touched: the checks read its shape
-        call = driver.prepare(cell, host_params, shape_only, lengths, state, True, hyper, argument)
-    return DeviceCall(xs, as_device(call.lengths), [as_device(s) for s in call.states], call.params, call.hyper,
-                      call.sizes, on_host)
+class DeviceArrays:
+    """The cuda backend's arrays: numba.cuda device arrays (host NumPy arrays are uploaded).
+
+    The driver (:func:`cellgen.runtime.driver.dynamic_rnn`) runs the same TF semantics on these
+    as on the host; only where the arrays live differs.
+    """
+
+    def prepare(self, cell: driver.CellInfo, params, inputs, sequence_length, initial_state, time_major: bool,
+                hyper: dict, argument: str = "initial_state") -> DeviceCall:
+        """Check every argument with the host driver's checks (on host copies of parameters, lengths and
+        states; on the shape alone for device inputs), then put the inputs, lengths and states on the device."""
+        numba_cuda()
+        host_params = {k: to_host(v) for k, v in params.items()} if isinstance(params, Mapping) else params
+        lengths = None if sequence_length is None else to_host(sequence_length)
+        state = _host_tree(initial_state)
+        on_host = not is_device_array(inputs)
+        if on_host:
+            call = driver.prepare(cell, host_params, inputs, lengths, state, time_major, hyper, argument)
+            xs = as_device(call.xs)
+        else:
+            xs = to_time_major(inputs, time_major)
+            shape_only = np.empty(xs.shape, np.dtype(xs.dtype))  # never touched: the checks read its shape
+            call = driver.prepare(cell, host_params, shape_only, lengths, state, True, hyper, argument)
+        return DeviceCall(xs, as_device(call.lengths), [as_device(s) for s in call.states], call.params,
+                          call.hyper, call.sizes, on_host)
+
+    def reverse_sequence(self, xs, lengths) -> Any:
+        return reverse_sequence(xs, lengths)
+
+    def last_input(self, call: DeviceCall, k: int) -> Any:
+        return last_input(call.xs, call.lengths, call.states[k])
+
+    def finish(self, cell: driver.CellInfo, out, states: list[Any], time_major: bool, call: DeviceCall):
+        """Outputs batch-major unless ``time_major``; NumPy arrays back when the inputs were NumPy's."""
+        if not time_major:
+            out = swap_time_batch(out)
+        if call.on_host:
+            return out.copy_to_host(), cell.state_class(*(s.copy_to_host() for s in states))
+        return out, cell.state_class(*states)
 
 
-def run(cell: driver.CellInfo, call: DeviceCall) -> tuple[Any, list[Any]]:
-    """Time-major device outputs [T, B, out] and the final states (device), in STATE order."""
-    if "cuda" not in cell.backends:
-        raise ValueError(f"module {cell.name} has no CUDA backend (rebuild it with `cellgen build`)")
-    packed = cell.pack(call.params, call.sizes)
-    out, finals = cell.backends["cuda"](packed, call.params, call.xs, call.lengths, call.states, call.hyper,
-                                        call.sizes)
-    finals = iter(finals)
-    states = [last_input(call.xs, call.lengths, call.states[k]) if is_delay else next(finals)
-              for k, is_delay in enumerate(cell.input_state)]
-    return out, states
-
-
-def _finish(out, states: list[Any], is_time_major: bool, on_host: bool, cell: driver.CellInfo):
-    if not is_time_major:
-        out = swap_time_batch(out)
-    if on_host:
-        return out.copy_to_host(), cell.state_class(*(s.copy_to_host() for s in states))
-    return out, cell.state_class(*states)
-
-
-def dynamic_rnn(cell: driver.CellInfo, params, inputs, *, sequence_length=None, initial_state=None,
-                time_major=False, hyper=None):
-    """TF 1.x ``dynamic_rnn`` on the GPU: same arguments and results as the CPU backend."""
-    call = prepare(cell, params, inputs, sequence_length, initial_state, time_major, hyper or {})
-    out, states = run(cell, call)
-    return _finish(out, states, time_major, call.on_host, cell)
-
-
-def bidirectional_dynamic_rnn(cell: driver.CellInfo, params_fw, params_bw, inputs, *, sequence_length=None,
-                              initial_state_fw=None, initial_state_bw=None, time_major=False, hyper=None):
-    """TF 1.x ``bidirectional_dynamic_rnn`` on the GPU: the backward pass reversed in each length, on device."""
-    hyper = hyper or {}
-    fw = prepare(cell, params_fw, inputs, sequence_length, initial_state_fw, time_major, hyper, "initial_state_fw")
-    bw = prepare(cell, params_bw, inputs, sequence_length, initial_state_bw, time_major, hyper, "initial_state_bw")
-    bw.xs = reverse_sequence(bw.xs, bw.lengths)
-    out_fw, state_fw = _finish(*run(cell, fw), time_major, fw.on_host, cell)
-    out_bw, states_bw = run(cell, bw)
-    out_bw, state_bw = _finish(reverse_sequence(out_bw, bw.lengths), states_bw, time_major, bw.on_host, cell)
-    return (out_fw, out_bw), (state_fw, state_bw)
+DEVICE = DeviceArrays()

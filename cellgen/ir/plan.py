@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from cellgen.spec import CellSpec
+from cellgen.frontend.spec import CellSpec
 
 #: The unit (column) index of an epilogue loop.
 UNIT = sympy.Symbol("j", integer=True, nonnegative=True)

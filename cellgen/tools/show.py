@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sympy
 
-from cellgen.dsl import INPUT_SIZE, NUM_UNITS
-from cellgen.plan import FusedPlan
-from cellgen.printing import display_index as print_index
+from cellgen.frontend.dsl import INPUT_SIZE, NUM_UNITS
+from cellgen.ir.plan import FusedPlan
+from cellgen.codegen.printing import display_index as print_index
 
 
 def _dims(expr: sympy.Expr, sizes: dict[sympy.Symbol, int]) -> str:

@@ -4,7 +4,7 @@ The cellgen figure is the steady-state forward pass: weights packed and uploaded
 already on the device, ``_cuda_forward`` (hoisted GEMM + T step launches) timed with CUDA
 events and synchronised. torch (``torch.nn.LSTM``/``GRU`` under ``torch.no_grad()``, cuDNN)
 is timed the same way when torch sees a GPU: with cellgen's weights where the equations are
-the same (:data:`cellgen.bench_torch.TORCH_CELLS`, and the largest output difference is
+the same (:data:`cellgen.tools.bench_torch.TORCH_CELLS`, and the largest output difference is
 reported), otherwise as the nearest cuDNN cell of the same size (timing only). QRNN has no
 torch counterpart.
 """
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from cellgen.bench_torch import TORCH_CELLS, _gru_weights, _lstm_weights
-from cellgen.runtime import cuda as rtc
+from cellgen.tools.bench_torch import TORCH_CELLS, _gru_weights, _lstm_weights
+from cellgen.backends.cuda import runtime as rtc
 
 #: The issue's GPU shapes: (B, T, I, H).
 GPU_SHAPES = {"G1": (64, 100, 256, 256), "G2": (16, 1024, 768, 768)}
@@ -49,7 +49,7 @@ def _cellgen_case(module: ModuleType, batch: int, steps: int, isize: int, units:
     sizes = {name: units for name in module.SIZES}
     params = module.init_params(isize, units, dtype=np.float32, seed=seed, **sizes)
     inputs = np.random.default_rng(seed).standard_normal((steps, batch, isize)).astype(np.float32)
-    call = rtc.prepare(module._CELL, params, rtc.as_device(inputs), None, None, True, {})
+    call = rtc.DEVICE.prepare(module._CELL, params, rtc.as_device(inputs), None, None, True, {})
     weights = rtc.upload_weights(module._CELL.pack(call.params, call.sizes), call.params, module._CUDA_GATES,
                                  module._CUDA_UNIT_PARAMS)
 
@@ -127,8 +127,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``cellgen bench --backend cuda SPEC...`` (called by :mod:`cellgen.bench`)."""
-    from cellgen.bench import load_module
+    """``cellgen bench --backend cuda SPEC...`` (called by :mod:`cellgen.tools.bench`)."""
+    from cellgen.tools.bench import load_module
 
     shapes = args.shape or list(GPU_SHAPES.items())
     modules = [load_module(spec) for spec in args.specs]

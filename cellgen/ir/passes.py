@@ -6,8 +6,8 @@ import dataclasses
 
 import sympy
 
-from cellgen.dsl import sigmoid
-from cellgen.plan import Epilogue, FusedPlan, Loop, Store, new_state_array, state_array
+from cellgen.frontend.dsl import sigmoid
+from cellgen.ir.plan import Epilogue, FusedPlan, Loop, Store, new_state_array, state_array
 
 _W = sympy.Wild("w")
 
@@ -57,7 +57,7 @@ def update_in_place(plan: FusedPlan) -> FusedPlan:
     """Store a state's new value over its old one when nothing reads the old value later.
 
     "Later" is every loop after the one that stores it: within that loop every value is read
-    before any store is made (:class:`cellgen.plan.Loop`), so its own loop may read the old value.
+    before any store is made (:class:`cellgen.ir.plan.Loop`), so its own loop may read the old value.
 
     Every other state stays double-buffered (``s_h_new``, swapped after the step).
     Rows past their sequence length then need no copy: their in-place state is kept.

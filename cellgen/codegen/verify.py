@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cellgen
-from cellgen.spec import SpecError
+from cellgen.frontend.spec import SpecError
 
 #: The package the subprocess imports the modules from (inside a temporary folder).
 PACKAGE = "_cellgen_verify"

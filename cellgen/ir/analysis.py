@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import sympy
 
-from cellgen.plan import (
+from cellgen.ir.plan import (
     OUT,
     PRE,
     PRE_PREV,
@@ -40,7 +40,7 @@ from cellgen.plan import (
     param_arrays,
     state_array,
 )
-from cellgen.spec import CellSpec, Linear, SpecError
+from cellgen.frontend.spec import CellSpec, Linear, SpecError
 
 def delay_states(spec: CellSpec) -> tuple[str, ...]:
     """States whose update is exactly the input: their value at step t is x_{t-1}."""

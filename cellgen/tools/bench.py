@@ -3,12 +3,12 @@
 For each spec and shape, in one process, on the same float32 inputs and after warm-up:
 
 * ``cellgen``        the generated backend (``--backend cpu``; ``cuda`` is delegated to
-                     :mod:`cellgen.bench_cuda`);
+                     :mod:`cellgen.tools.bench_cuda`);
 * ``kernel floor``   only the plan's matrix products, through cellgen's packed GEMM;
 * ``BLAS floor``     only the plan's matrix products, through BLAS (the issue's GEMM floor);
 * ``reference``      the NumPy reference backend;
 * ``torch``          ``torch.nn.LSTM``/``GRU`` with the same weights, timed in a process of
-                     its own (:mod:`cellgen.bench_torch`) with the same thread count.
+                     its own (:mod:`cellgen.tools.bench_torch`) with the same thread count.
 
 Each implementation is timed in a block of its own after a short pause (BLAS thread pools
 keep spinning after a call and would steal the cores from the next one); best and median
@@ -78,7 +78,7 @@ def environment() -> dict[str, object]:
     import numba
     from threadpoolctl import threadpool_info
 
-    from cellgen.runtime import gemm
+    from cellgen.backends.cpu import gemm
 
     blas = [{k: lib.get(k) for k in ("internal_api", "version", "architecture", "num_threads", "threading_layer")}
             | {"library": Path(lib["filepath"]).name} for lib in threadpool_info()]
@@ -145,7 +145,7 @@ def load_module(spec_path: str):
 
 def _torch_times(module, params, inputs, expected, num_units: int, args) -> dict[str, object] | None:
     """torch.nn.LSTM/GRU for the specs it implements, in a subprocess; None if unavailable."""
-    from cellgen.bench_torch import TORCH_CELLS
+    from cellgen.tools.bench_torch import TORCH_CELLS
 
     kind = TORCH_CELLS.get(module.NAME)
     if kind is None or args.no_torch:
@@ -155,7 +155,7 @@ def _torch_times(module, params, inputs, expected, num_units: int, args) -> dict
         np.savez(job, kind=kind, threads=args.threads, repeat=args.repeat, warmup=args.warmup, inputs=inputs,
                  expected=expected, num_units=num_units, forget_bias=module.HYPER.get("forget_bias", 0.0),
                  **{f"param:{k}": v for k, v in params.items()})
-        proc = subprocess.run([sys.executable, "-m", "cellgen.bench_torch", str(job)], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "cellgen.tools.bench_torch", str(job)], capture_output=True,
                               text=True, env=_child_env(args.threads))
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["torch worker failed"])[-1]}
@@ -165,14 +165,14 @@ def _torch_times(module, params, inputs, expected, num_units: int, args) -> dict
 def _child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                       env.get("PYTHONPATH")]))
     return env
 
 
 def bench_one(spec_path: str, label: str, shape: tuple[int, int, int, int], args, progress: Progress) -> Result:
     """Every implementation on one spec and shape."""
-    from cellgen.bench_floor import blas_floor, kernel_floor, products
+    from cellgen.tools.bench_floor import blas_floor, kernel_floor, products
     from cellgen.build import compile_spec
 
     module = load_module(spec_path)
@@ -208,7 +208,7 @@ import sys, time, importlib, json
 import numpy as np
 sys.path.insert(0, {root!r})
 start = time.perf_counter()
-from cellgen.runtime import gemm, sync
+from cellgen.backends.cpu import gemm, sync
 if {runtime_only!r}:
     gemm.compile_shared(np.float32)
     sync.compile_shared()
@@ -361,9 +361,9 @@ def _env_text(env: dict[str, object], threads: int) -> str:
 
 def _delegate_cuda(args: argparse.Namespace) -> int:
     try:
-        bench_cuda = importlib.import_module("cellgen.bench_cuda")
+        bench_cuda = importlib.import_module("cellgen.tools.bench_cuda")
     except ImportError as err:
-        print(f"cellgen bench: --backend cuda needs cellgen.bench_cuda and numba-cuda ({err})", file=sys.stderr)
+        print(f"cellgen bench: --backend cuda needs cellgen.tools.bench_cuda and numba-cuda ({err})", file=sys.stderr)
         return 2
     try:
         return int(bench_cuda.main(args) or 0)

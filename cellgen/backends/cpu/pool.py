@@ -1,7 +1,7 @@
 """The process's CPU thread pool: which threading layer, one parallel region at a time, fork.
 
 **Layer.** Generated CPU kernels run their time loop in one Numba parallel region per call
-(:mod:`cellgen.runtime.sync`), whose barriers need every iteration of ``prange(nth)`` on its
+(:mod:`cellgen.backends.cpu.sync`), whose barriers need every iteration of ``prange(nth)`` on its
 own thread, all running at once. Importing :mod:`cellgen.runtime` sets Numba's layer
 priority to :data:`PRIORITY` (``omp``, then ``workqueue``; ``tbb`` only if neither loads)
 before Numba starts any thread, unless the user chose (``NUMBA_THREADING_LAYER`` or

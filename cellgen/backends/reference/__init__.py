@@ -1,0 +1,1 @@
+"""The reference backend: the spec unfused in NumPy (``context.py``; runtime ``runtime.py``)."""
