@@ -134,6 +134,8 @@ class CpuSchedule:
     finals: tuple[str, ...]  # each recurrent state's final value (a double buffer's parity)
     phases: tuple[GemmPhase | EpiloguePhase, ...]
     hoisted_in_steps: bool
+    pre: str | None  # the hoisted GEMM's pre: "ring" (fused scan), "blocks" (steps: per call), "whole", None
+    pre_first: bool  # the delayed first step's projection pre0 = x0 @ w_in (a delay state's hoisted part)
     step_params: tuple[str, ...]  # ``_steps``: after (q, nth, sync)
     scan_params: tuple[str, ...]  # ``_scan``: after (b0, b1, s0, s1)
     thread_params: tuple[str, ...]  # each thread of the parallel region, after (q, nth)
@@ -141,10 +143,6 @@ class CpuSchedule:
     unit_split: UnitSplit | None
     delay_index: int | None  # the delay state (x_{t-1}) in STATE order
     step_work: sympy.Expr  # multiply-adds per batch row the thread count is chosen from
-
-    @property
-    def scan_like(self) -> bool:
-        return self.mode is not Mode.STEPS
 
 
 def _mode(plan: FusedPlan) -> Mode:
@@ -284,6 +282,18 @@ def _unit_split(plan: FusedPlan, scan_params: tuple[str, ...]) -> UnitSplit | No
     return UnitSplit(units, tuple(args), tuple(copies), first)
 
 
+def _pre(plan: FusedPlan, mode: Mode) -> str | None:
+    """Where the hoisted GEMM's result lives: a fused scan's ring of time slots, a step loop's
+    block of steps (each thread its rows, just before the steps read them; the driver decides per
+    call whether blocks pay, else ``whole``), or all T steps computed up front by the driver.
+    A delayed hoisted GEMM (pre_prev) is never blocked."""
+    if plan.hoisted is None:
+        return None
+    if mode is Mode.FUSED_SCAN:
+        return "ring"
+    return "blocks" if mode is Mode.STEPS and not plan.hoisted.delayed else "whole"
+
+
 def cpu_schedule(plan: FusedPlan) -> CpuSchedule:
     """Decide the CPU kernels of ``plan`` (see the module docstring)."""
     mode = _mode(plan)
@@ -338,6 +348,7 @@ def cpu_schedule(plan: FusedPlan) -> CpuSchedule:
     return CpuSchedule(
         mode=mode, args=tuple(args), views=tuple(views), buffers=tuple(buffers),
         double_buffered=double_buffered, finals=finals, phases=tuple(phases), hoisted_in_steps=hoisted_in_steps,
+        pre=_pre(plan, mode), pre_first=plan.hoisted is not None and plan.hoisted.delayed,
         step_params=step_params, scan_params=scan_params, thread_params=tuple(thread_params), flags=flags,
         unit_split=_unit_split(plan, scan_params) if mode is Mode.FUSED_SCAN else None,
         delay_index=order.index(plan.delay_states[0]) if plan.delay_states else None,
