@@ -37,6 +37,7 @@ class Backend:
     template: str
     description: str
     device: bool = False  # its arrays live on a device (numba.cuda), not in NumPy
+    directions: tuple[str, ...] = ("forward",)  # the time loops (cellgen.ir.plan.Direction) it renders
 
     def context(self, plan: Any) -> dict[str, Any]:
         """The template context of this backend's kernels for ``plan``."""

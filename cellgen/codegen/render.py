@@ -193,6 +193,10 @@ def _float_literal(value: float) -> str:
 def context(plan: FusedPlan, spec_path: str, key: str) -> dict[str, Any]:
     """Everything ``templates/module.py.j2`` needs, as plain strings and ints."""
     spec = plan.spec
+    for b in backends.REGISTRY.values():
+        if plan.time_loop.direction.value not in b.directions:
+            raise ValueError(f"backend {b.name} renders {' and '.join(b.directions)} time loops, "
+                             f"not {plan.time_loop.direction.value} ones")
     hoisted = None
     if plan.hoisted is not None:
         h = plan.hoisted

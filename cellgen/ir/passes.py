@@ -59,9 +59,12 @@ def update_in_place(plan: FusedPlan) -> FusedPlan:
     "Later" is every loop after the one that stores it: within that loop every value is read
     before any store is made (:class:`cellgen.ir.plan.Loop`), so its own loop may read the old value.
 
-    Every other state stays double-buffered (``s_h_new``, swapped after the step).
+    Every other state stays double-buffered (``sn_h``, swapped after the step).
     Rows past their sequence length then need no copy: their in-place state is kept.
+    A plan whose time loop may not overwrite states (``TimeLoop.in_place`` False) is returned as it is.
     """
+    if not plan.time_loop.in_place:
+        return plan
     loops = [loop for epi in plan.epilogues for loop in epi.loops]
 
     def reads(loop: Loop) -> set[str]:

@@ -13,7 +13,8 @@ of the loop an expression lives in.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 
 import sympy
 
@@ -34,6 +35,8 @@ PRE, PRE_PREV, X, X_PREV, OUT = "pre", "pre_prev", "x", "x_prev", "out"
 # prefix-free (``s_`` / ``sn_`` differ in their second character), so the kinds cannot collide
 # with each other either; within a kind the names are the spec's (already unique) names.
 STATE_PREFIX, NEW_STATE_PREFIX, PARAM_PREFIX, HYPER_PREFIX, SIZE_PREFIX = "s_", "sn_", "p_", "hy_", "n_"
+#: Arrays a time loop saves per step for another loop (TimeLoop.saved): ``sv_<name>[t, b, j]``.
+SAVED_PREFIX = "sv_"
 
 
 def state_array(name: str) -> str:
@@ -44,6 +47,11 @@ def state_array(name: str) -> str:
 def new_state_array(name: str) -> str:
     """The kernel array receiving a state's value after the step (a double buffer)."""
     return f"{NEW_STATE_PREFIX}{name}"
+
+
+def saved_array(name: str) -> str:
+    """The [T, B, width] array a time loop saves a value into every step (``TimeLoop.saved``)."""
+    return f"{SAVED_PREFIX}{name}"
 
 
 def param_array(name: str) -> str:
@@ -84,6 +92,38 @@ def size_name(name: str) -> str:
     return f"{SIZE_PREFIX}{name}"
 
 
+class Direction(str, Enum):
+    """Which way a plan's time loop runs: the forward pass, or the backward pass through time."""
+
+    FORWARD = "forward"  # t = 0 .. T-1
+    REVERSE = "reverse"  # t = T-1 .. 0 (backpropagation through time)
+
+
+class GemmKind(str, Enum):
+    """What a GEMM of a plan multiplies. A forward plan has only OPERAND_W; a backward plan (the
+    training issue) is the same vocabulary with the other two kinds (docs/architecture.md)."""
+
+    OPERAND_W = "operand @ W"  # forward: the hoisted projection and each recurrent GEMM
+    DGATES_WT = "d_gates @ W^T"  # backward: the gradient of a GEMM's operands (per step, or over all T*B)
+    WEIGHT_GRAD = "operands^T @ d_gates"  # backward: a weight's gradient, ONE GEMM over all T*B rows
+
+
+@dataclass(frozen=True)
+class TimeLoop:
+    """The time loop a plan runs in, and what its scheduling may assume.
+
+    ``in_place``: a state's new value may overwrite its old one when nothing later in the step
+    reads the old value (:func:`cellgen.ir.passes.update_in_place`); a loop whose old states
+    another loop needs (a forward that a backward replays without saving states) sets it False and
+    every recurrent state stays double-buffered. ``saved``: the values (gate or state names) the
+    loop stores every step for another loop, into ``[T, B, width]`` arrays named :func:`saved_array`.
+    """
+
+    direction: Direction = Direction.FORWARD
+    in_place: bool = True
+    saved: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class WeightBlock:
     """``packed[dest_row:dest_row+rows, dest_col:dest_col+width] += params[kernel][row_start:row_start+rows]``."""
@@ -120,6 +160,7 @@ class HoistedGemm:
     biases: tuple[BiasBlock, ...]
     direct_linears: tuple[str, ...]
     delayed_linears: tuple[str, ...]
+    kind: GemmKind = GemmKind.OPERAND_W
 
     @property
     def delayed(self) -> bool:
@@ -147,6 +188,7 @@ class RecurrentGemm:
     blocks: tuple[WeightBlock, ...]
     linears: tuple[str, ...]
     direct_state: str | None  # the state read in place when it is the only, plain operand
+    kind: GemmKind = GemmKind.OPERAND_W
 
     @property
     def result(self) -> str:
@@ -212,7 +254,8 @@ class FusedPlan:
     uses_x_prev: bool
     output_size: sympy.Expr
     param_arrays: dict[str, str]  # every per-unit parameter's and bias's kernel array (param_arrays)
-    double_buffered: tuple[str, ...] = ()  # states whose old value is read after the new one is stored
+    double_buffered: tuple[str, ...] = ()  # states stored into their sn_ array, swapped after each step
+    time_loop: TimeLoop = field(default_factory=TimeLoop)
 
     @property
     def scan_only(self) -> bool:

@@ -40,12 +40,16 @@ def describe(plan: FusedPlan, batch: int = 64, sizes: dict[str, int] | None = No
     lines.append(f"  states: {', '.join(f'{s.name}[{print_index(s.size)}]' for s in spec.states)}"
                  + (f"   delay (x_t-1, hoisted): {', '.join(plan.delay_states)}" if plan.delay_states else ""))
     lines.append(f"  sizes for figures: {', '.join(f'{k}={v}' for k, v in numeric.items())}, batch={batch}")
+    loop = plan.time_loop
+    in_place = "yes" if loop.in_place else "no"
+    lines.append(f"  time loop: {loop.direction.value}; states may be updated in place: {in_place}"
+                 + (f"; saved per step: {', '.join(loop.saved)}" if loop.saved else ""))
     lines.append("")
     if plan.hoisted is None:
         lines.append("hoisted GEMM: none (no linear reads the input)")
     else:
         h = plan.hoisted
-        lines.append(f"hoisted GEMM (once over all T*B rows): x[T*B, {_dims(h.rows, numeric)}] @ "
+        lines.append(f"hoisted GEMM ({h.kind.value}, once over all T*B rows): x[T*B, {_dims(h.rows, numeric)}] @ "
                      f"W[{_dims(h.rows, numeric)}, {_dims(h.width, numeric)}]")
         for b in h.blocks:
             delayed = " (x_t-1: read one step late)" if b.delayed else ""
@@ -55,7 +59,7 @@ def describe(plan: FusedPlan, batch: int = 64, sizes: dict[str, int] | None = No
             lines.append(f"    bias {b.bias} -> cols {print_index(b.dest_col)}..+{print_index(b.width)}")
     for g in plan.gemms:
         ops = " | ".join(o.label if len(o.label) < 40 else o.label[:37] + "..." for o in g.operands)
-        lines.append(f"recurrent GEMM {g.stage} (per step): [{ops}][B, {_dims(g.rows, numeric)}] @ "
+        lines.append(f"recurrent GEMM {g.stage} ({g.kind.value}, per step): [{ops}][B, {_dims(g.rows, numeric)}] @ "
                      f"W[{_dims(g.rows, numeric)}, {_dims(g.width, numeric)}]  linears: {', '.join(g.linears)}")
     if plan.scan_only:
         lines.append("recurrent GEMMs: 0  -> the step is a pure elementwise scan")
