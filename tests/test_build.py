@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,8 +89,29 @@ def test_check_fails_on_a_stale_or_missing_file(tmp_path: Path, capsys) -> None:
     assert target.stat().st_mtime_ns == mtime  # --check never writes
 
 
+_HASH_TEXTS = """
+import hashlib, json, sys
+from pathlib import Path
+from cellgen.build import generate
+print(json.dumps({p.name: hashlib.sha256(generate(p)[1].encode()).hexdigest()
+                  for p in sorted(Path(sys.argv[1]).glob("*.py"))}))
+"""
+
+
 def test_generated_text_is_deterministic() -> None:
-    assert generate(SPECS / "lstm.py") == generate(SPECS / "lstm.py")
+    """Every shipped spec generates the same text in processes with different hash seeds (set and
+    dict orders of strings differ between them), and the same as the committed module's text."""
+    texts = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        proc = subprocess.run([sys.executable, "-c", _HASH_TEXTS, str(SPECS)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        texts.append(json.loads(proc.stdout))
+    assert texts[0] == texts[1]
+    assert len(texts[0]) == len(list(SPECS.glob("*.py")))
+    name, text = generate(SPECS / "lstm.py")
+    assert hashlib.sha256(text.encode()).hexdigest() == texts[0]["lstm.py"]
 
 
 def test_show_gru(capsys) -> None:
