@@ -50,15 +50,20 @@ def compile_spec(path: str | Path, timeout: float | None = DEFAULT_TIMEOUT) -> t
     return spec, run_passes(analyse(spec))
 
 
-def compiler_sources() -> list[Path]:
-    """Every source file of the compiler's stages and of every registered backend, in a fixed order."""
-    files = set()
+def compiler_sources() -> dict[str, Path]:
+    """Every source file of the compiler's stages and of every registered backend, by a stable label
+    (its path in cellgen, or ``<backend>:<path in its folder>`` for a backend outside cellgen)."""
+    files: dict[str, Path] = {}
     for part in COMPILER_PARTS:
         path = PACKAGE / part
-        files.update(path.rglob("*.py") if path.is_dir() else [path])
+        for f in path.rglob("*.py") if path.is_dir() else [path]:
+            files[f.relative_to(PACKAGE).as_posix()] = f
     for backend in backends.REGISTRY.values():
-        files.update(backend.folder.rglob("*.py"))
-    return sorted(files, key=lambda f: f.as_posix())
+        for f in backend.folder.rglob("*.py"):
+            inside = f.is_relative_to(PACKAGE)
+            files[f.relative_to(PACKAGE).as_posix() if inside else
+                  f"{backend.name}:{f.relative_to(backend.folder).as_posix()}"] = f
+    return dict(sorted(files.items()))
 
 
 def spec_key(spec: CellSpec) -> str:
@@ -66,8 +71,8 @@ def spec_key(spec: CellSpec) -> str:
     h = hashlib.sha256()
     h.update(__version__.encode())
     h.update(templates_digest().encode())
-    for source in compiler_sources():
-        h.update(source.relative_to(PACKAGE).as_posix().encode())
+    for label, source in compiler_sources().items():
+        h.update(label.encode())
         h.update(source.read_bytes())
     for part in (spec.name, spec.doc, spec.updates, spec.output, spec.linears, spec.states, spec.params,
                  spec.hypers, spec.sizes):

@@ -38,6 +38,7 @@ class Backend:
     description: str
     device: bool = False  # its arrays live on a device (numba.cuda), not in NumPy
     directions: tuple[str, ...] = ("forward",)  # the time loops (cellgen.ir.plan.Direction) it renders
+    templates: str | None = None  # a folder of its own holding ``template`` (None: cellgen's templates/)
 
     def context(self, plan: Any) -> dict[str, Any]:
         """The template context of this backend's kernels for ``plan``."""
@@ -57,6 +58,11 @@ def register(backend: Backend) -> Backend:
         raise ValueError(f"a backend named {backend.name!r} is already registered ({REGISTRY[backend.name].package})")
     REGISTRY[backend.name] = backend
     return backend
+
+
+def unregister(name: str) -> Backend:
+    """Remove a backend registered by :func:`register` (modules built after this leave it out)."""
+    return REGISTRY.pop(name)
 
 
 def names() -> tuple[str, ...]:

@@ -30,9 +30,15 @@ from cellgen.codegen.printing import (
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 
 
+def template_folders() -> list[Path]:
+    """Where templates are found: cellgen's own folder, then each registered backend's own (if any)."""
+    own = [Path(b.templates) for b in backends.REGISTRY.values() if b.templates is not None]
+    return [TEMPLATES, *dict.fromkeys(own)]
+
+
 def environment() -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        loader=jinja2.FileSystemLoader([str(f) for f in template_folders()]),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=False,
@@ -43,14 +49,11 @@ def environment() -> jinja2.Environment:
 def templates_digest() -> str:
     """sha256 over every template file: part of each generated module's key."""
     h = hashlib.sha256()
-    for path in sorted(TEMPLATES.rglob("*.j2")):
-        h.update(path.relative_to(TEMPLATES).as_posix().encode())
-        h.update(path.read_bytes())
+    for folder in template_folders():
+        for path in sorted(folder.rglob("*.j2")):
+            h.update(path.relative_to(folder).as_posix().encode())
+            h.update(path.read_bytes())
     return h.hexdigest()
-
-
-
-
 
 
 def _take_sizes(names: list[str], given: tuple[str, ...] = ()) -> str:
