@@ -27,7 +27,7 @@ from enum import Enum
 
 import sympy
 
-from cellgen.codegen.names import kernel_names
+from cellgen.codegen.names import kernel_names, loop_exprs
 from cellgen.codegen.printing import print_index
 from cellgen.ir.plan import (
     OUT,
@@ -226,60 +226,59 @@ def _phases(plan: FusedPlan, candidates: list[str]) -> list[GemmPhase | Epilogue
     return phases
 
 
-def _unit_split(plan: FusedPlan, scan_params: tuple[str, ...]) -> UnitSplit | None:
-    """How a one-row fused scan splits by units, or None when it cannot.
+def _unit_domain(plan: FusedPlan) -> sympy.Symbol | None:
+    """The one size D every loop of a fused scan runs over, when its units can be split.
 
-    It can when every loop runs over the same D units (a size symbol), every hoisted block
+    They can when every loop runs over the same D units (a size symbol), every hoisted block
     starts and ends on a multiple of D, and the loops read the hoisted columns only at
     ``j + g * D`` (unit j of gate g): then unit j of every gate lies in column panels its
     thread projects itself.
     """
     hoisted = plan.hoisted
-    domains = {loop.domain for e in plan.epilogues for loop in e.loops}
+    loops = [loop for e in plan.epilogues for loop in e.loops]
+    domains = {loop.domain for loop in loops}
     if len(domains) != 1 or hoisted is None:
         return None
     (domain,) = domains
     if not isinstance(domain, sympy.Symbol):
         return None
-    if not all(sympy.simplify(e / domain).is_Integer for b in hoisted.blocks for e in (b.dest_col, b.width)
-               if e != 0):
+
+    def per_gate(e: sympy.Expr) -> bool:
+        return e == 0 or bool(sympy.simplify(e / domain).is_Integer)
+
+    if not all(per_gate(e) for b in hoisted.blocks for e in (b.dest_col, b.width)):
         return None
-    for e in plan.epilogues:
-        for loop in e.loops:
-            exprs = [x for _, x in loop.temps] + [s.value for s in loop.stores] + \
-                [s.masked for s in loop.stores if s.masked is not None]
-            for indexed in (i for x in exprs for i in x.atoms(sympy.Indexed)):
-                if str(indexed.base) in (PRE, PRE_PREV):
-                    offset = indexed.indices[-1] - UNIT
-                    if offset != 0 and not sympy.simplify(offset / domain).is_Integer:
-                        return None
+    reads = (i for loop in loops for x in loop_exprs(loop) for i in x.atoms(sympy.Indexed))
+    if not all(per_gate(i.indices[-1] - UNIT) for i in reads if str(i.base) in (PRE, PRE_PREV)):
+        return None
+    return domain
+
+
+def _unit_split(plan: FusedPlan, scan_params: tuple[str, ...]) -> UnitSplit | None:
+    """How a one-row fused scan splits by units (:func:`_unit_domain`), or None when it cannot:
+    what each thread passes for each scan parameter (its compact copies, its units' slices)."""
+    domain = _unit_domain(plan)
+    if domain is None:
+        return None
+    units = size_name(str(domain))
     states = {state_array(n) for n in plan.recurrent_states}
     unit_params = {plan.param_arrays[n] for n in plan.unit_params}
+    fixed = {PRE: "ring", "pre0": "first", units: "units", OUT: "out_q"}
     passed = {"T", "lengths", *(size_name(str(s)) for s in plan.spec.all_sizes)}
-    units = size_name(str(domain))
     args: list[str] = []
-    copies: list[str] = []
-    first = None
     for name in scan_params:
-        if name == PRE:
-            args.append("ring")
-        elif name == "pre0":
-            args.append("first")
-            first = name
-        elif name == units:
-            args.append("units")
+        if name in fixed:
+            args.append(fixed[name])
         elif name in states:
             args.append(f"{name}_q")
-            copies.append(name)
-        elif name == OUT:
-            args.append("out_q")
         elif name in unit_params:
             args.append(f"{name}[j0:j1]")
         elif name in passed:
             args.append(name)
         else:  # an array the split does not know how to cut
             return None
-    return UnitSplit(units, tuple(args), tuple(copies), first)
+    copies = tuple(n for n in scan_params if n in states)
+    return UnitSplit(units, tuple(args), copies, "pre0" if "pre0" in scan_params else None)
 
 
 def _pre(plan: FusedPlan, mode: Mode) -> str | None:
