@@ -144,6 +144,7 @@ def test_lstm_layout() -> None:
     text = _render(dataclasses.replace(layout, kernels=(stage0, wide)))
     assert "block_stage1 = (64, 2)" in text and '"stage1": (64, 2)' in text
     assert "_sw = cuda.shared.array((64, 64), np.float32)" in text and "for _q in range(64):" in text
+    assert "    j = cuda.blockIdx.x * 64 + _tx\n    b = cuda.blockIdx.y * 2 + _ty" in text
     assert "out_t[b, j] = np.float32(0.0)" not in text  # no masked branch
 
 

@@ -106,7 +106,8 @@ def _printed(plan: FusedPlan, kernel: CudaKernel, dtype: str) -> dict[str, Any]:
     """One kernel's source pieces for ``dtype``."""
     body, masked = _bodies(plan, kernel, dtype)
     out: dict[str, Any] = {
-        "name": kernel.name, "args": list(kernel.arg_names), "stage": kernel.stage, "scan": not kernel.per_step,
+        "name": kernel.name, "args": list(kernel.arg_names), "block": list(kernel.block), "stage": kernel.stage,
+        "scan": not kernel.per_step,
         "views": [VIEW_LINES[v] for v in kernel.views], "body": body, "masked": masked,
         "runs_epilogue": kernel.runs_epilogue, "has_masked": kernel.masked, "epilogue": kernel.epilogue,
         "copies": [{"domain": print_index(c.domain), "old": c.old, "new": c.new} for c in kernel.copies],

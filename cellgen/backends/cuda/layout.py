@@ -172,6 +172,10 @@ class CudaKernel:
     masked: bool
     copies: tuple[StateCopy, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.gemm is not None and self.gemm.block != self.block:
+            raise ValueError(f"{self.name}: its GEMM's block {self.gemm.block} is not the kernel's {self.block}")
+
     @property
     def stage(self) -> bool:
         return self.gemm is not None
