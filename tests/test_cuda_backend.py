@@ -1,6 +1,8 @@
 """The CUDA backend without a GPU: plan facts, real SASS for sm_80/sm_90, and the simulator suite.
 
-* facts: which GEMMs fuse their epilogue, gate interleaving, GPU double-buffering;
+* facts: which GEMMs fuse their epilogue, gate interleaving, GPU double-buffering, and the
+  launch layout (``CudaLayout``) that decides what the template prints;
+* the hoisted GEMM is the runtime's (``cellgen.backends.cuda.gemm``), never a generated copy;
 * compilation: every shipped spec's kernels through NVVM + nvJitLink, 0 spill bytes;
 * numbers: ``cuda_sim_cases.py`` in a fresh process with ``NUMBA_ENABLE_CUDASIM=1`` (numba
   chooses the simulator when numba.cuda is first imported, so it cannot share this process).
@@ -8,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -16,11 +19,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sympy
 
-from cellgen.build import compile_spec
-from cellgen.tools.sass import inspect_specs, occupancy, parse_log
-from cellgen.backends.cuda.context import gate_of, gpu_double_buffered, stage_layouts
+from cellgen.backends.cuda import gemm
+from cellgen.backends.cuda.context import layout_context
+from cellgen.backends.cuda.layout import (
+    BATCH,
+    CudaLayout,
+    KernelArg,
+    cuda_layout,
+    gate_of,
+    gpu_double_buffered,
+    stage_layouts,
+)
 from cellgen.backends.cuda.runtime import interleave
+from cellgen.build import compile_spec, generate
+from cellgen.codegen.render import environment
+from cellgen.tools.sass import inspect_specs, occupancy, parse_log
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = sorted((REPO / "specs").glob("*.py"))
@@ -75,6 +90,112 @@ def test_generated_kernels_read_accumulators() -> None:
     assert "if t < lengths[b]:" in stage0
 
 
+# -- the launch layout decides, the template prints ---------------------------------------------
+def _size(name: str) -> sympy.Symbol:
+    return sympy.Symbol(name, positive=True, integer=True)
+
+
+def _args(kernel) -> list[str]:
+    return [a.name for a in kernel.args]
+
+
+def _render(layout: CudaLayout) -> str:
+    """The CUDA template alone, from a layout (``sizes_from_dict`` as the module template binds it)."""
+    return environment().get_template("cuda/kernels.py.j2").render(cuda=layout_context(layout),
+                                                                   sizes_from_dict="pass")
+
+
+def test_lstm_layout() -> None:
+    layout = cuda_layout(_plan("lstm"))
+    assert [k.name for k in layout.kernels] == ["stage0", "stage1"] and not layout.scan
+    assert layout.block == (32, 4) and layout.tile_k == 32
+    assert layout.hoisted and not layout.delayed and layout.double_buffered == ()
+    assert layout.gates == (4, 1) and layout.weights == ("w_rec0", "w_rec1")
+    assert [(b.name, str(b.width)) for b in layout.buffers] == [("opnd1", "num_units")]
+    stage0, stage1 = layout.kernels
+    # arguments from the IR: the epilogue's Indexed bases and free symbols, the GEMM's operand and weight
+    assert _args(stage0) == ["t", "pre", "lengths", "w_rec0", "opnd1", "p_w_f_diag", "p_w_i_diag", "p_w_o_diag",
+                             "hy_forget_bias", "hy_cell_clip", "n_num_units", "n_num_proj", "s_c", "s_h"]
+    assert _args(stage1) == ["t", "lengths", "w_rec1", "opnd1", "hy_proj_clip", "n_num_units", "n_num_proj", "s_h",
+                             "out"]
+    assert KernelArg("pre", "array3") in stage0.args and KernelArg("hy_cell_clip", "real") in stage0.args
+    g0, g1 = stage0.gemm, stage1.gemm
+    assert (g0.operand, g0.gates, g0.interleaved, g0.columns, g0.weight_tile, g0.threads, g0.stored) == \
+        ("s_h", 4, True, 128, 4096, 128, ())
+    assert g0.acc_columns == (0, 32, 64, 96)
+    assert (g1.operand, g1.gates, g1.interleaved, g1.columns, str(g1.units)) == ("opnd1", 1, False, 32, "num_proj")
+    assert stage0.grid == ((_size("num_units"),), BATCH) and stage1.grid == ((_size("num_proj"),), BATCH)
+    assert stage0.per_step and stage0.runs_epilogue and stage0.epilogue == 1 and stage1.epilogue == 2
+    assert stage0.views == ("pre",) and stage1.views == ("out",) and not stage0.masked and stage1.masked
+
+    text = _render(layout)
+    assert "_sw = cuda.shared.array((32, 128), np.float32)" in text  # tile_k x columns
+    assert "for _e in range(_tid, 4096, 128):" in text  # weight_tile, threads
+    assert "_acc3 += _a * _sw[_q, 96 + _tx]" in text  # acc_columns
+    assert text.count("_u = _c // 4") == 2  # interleaved stage 0, both dtypes; stage 1 is not
+    assert "def _cuda_stage1_float64(" + ", ".join(_args(stage1)) + "):" in text
+    assert "k.stage1[grid_stage1, block_stage1](" + ", ".join(_args(stage1)) + ")" in text
+    assert "grid_stage1 = (_rtc.blocks(n_num_proj, 32), _rtc.blocks(B, 4))" in text
+    assert "    for t in range(T):" in text and "s_h, sn_h = sn_h, s_h" not in text
+
+    # change a decision in the layout: the template follows, it decides nothing itself
+    wide = dataclasses.replace(stage1, block=(64, 2), gemm=dataclasses.replace(g1, block=(64, 2), tile_k=64),
+                               masked=False)
+    text = _render(dataclasses.replace(layout, kernels=(stage0, wide)))
+    assert "block_stage1 = (64, 2)" in text and '"stage1": (64, 2)' in text
+    assert "_sw = cuda.shared.array((64, 64), np.float32)" in text and "for _q in range(64):" in text
+    assert "    j = cuda.blockIdx.x * 64 + _tx\n    b = cuda.blockIdx.y * 2 + _ty" in text
+    assert "out_t[b, j] = np.float32(0.0)" not in text  # no masked branch
+
+
+def test_stage_gemm_checks_its_tile() -> None:
+    g0 = cuda_layout(_plan("basic_lstm")).kernels[0].gemm
+    with pytest.raises(ValueError, match="K tile 16 != 32"):
+        dataclasses.replace(g0, tile_k=16)
+
+
+def test_qrnn_layout() -> None:
+    layout = cuda_layout(_plan("qrnn"))
+    assert layout.scan and layout.hoisted and layout.delayed and layout.stages == () and layout.gates == ()
+    (scan,) = layout.kernels
+    assert scan.name == "scan" and not scan.per_step and scan.gemm is None and scan.guarded
+    assert _args(scan) == ["pre", "pre0", "lengths", "n_num_units", "s_c", "out"]  # no t: its loop is inside
+    assert scan.views == ("pre", "pre_prev", "out") and scan.copies == () and layout.buffers == ()
+    assert layout.recurrent_states == ("c",) and layout.delay_state == "x_prev"
+
+    text = _render(layout)
+    assert "k.scan[grid_scan, block_scan](pre, pre0, lengths, n_num_units, s_c, out)" in text
+    assert "for t in range(T):" not in text  # one launch for all steps
+    assert "pre0 = _cuda_gemm.hoisted_gemm(x0.reshape(1, B, x0.shape[1]), weights.hoisted, weights.bias)[0]" in text
+    assert "pre_prev = pre0 if t == 0 else pre[t - 1]" in text
+
+    reordered = dataclasses.replace(scan, args=scan.args[::-1])
+    text = _render(dataclasses.replace(layout, kernels=(reordered,), delayed=False))
+    assert "def _cuda_scan_float32(out, s_c, n_num_units, lengths, pre0, pre):" in text
+    assert "pre0 = _cuda_gemm" not in text
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.stem)
+def test_generated_modules_launch_the_runtime_gemm(spec: Path) -> None:
+    """No generated module carries a GEMM kernel of its own: the hoisted GEMM is cellgen.backends.cuda.gemm's."""
+    name, text = generate(spec)
+    cuda_part = text[text.index("# ---- CUDA backend"):text.index("_backend_cuda =")]
+    assert "_cuda_hoisted" not in cuda_part and "cuda.local.array" not in cuda_part
+    assert '"hoisted"' not in cuda_part.split("_CUDA_RUNTIME =")[0]  # not among the module's own kernels
+    assert "pre = _cuda_gemm.hoisted_gemm(xs, weights.hoisted, weights.bias)" in cuda_part
+    assert '_CUDA_RUNTIME = ("hoisted", )' in cuda_part
+    layout = cuda_layout(_plan(name))
+    for kernel in layout.kernels:  # _CUDA_ARGS is the layout's, argument for argument
+        kinds = ", ".join(f'("{a.name}", "{a.kind}")' for a in kernel.args)
+        assert f'"{kernel.name}": ({kinds}, ),' in cuda_part
+
+
+def test_runtime_gemm_constants() -> None:
+    assert (gemm.TILE, gemm.THREADS, gemm.TILE_K, gemm.PER_THREAD, gemm.BLOCK) == (64, 16, 16, 4, (16, 16))
+    assert [k for k, _ in gemm.ARGS] == ["a", "w", "bias", "c"]
+    assert gemm.source("float32").__closure__ is not None  # element type and zero are closure constants
+
+
 def test_occupancy_and_log_parsing() -> None:
     assert occupancy("sm_90", 128, 32, 0) == 1.0
     assert occupancy("sm_80", 256, 255, 0) == 0.125  # 255 -> 256 regs: 8 warps of 256 threads
@@ -113,8 +234,9 @@ except CudaUnavailable as err:
 def test_every_spec_compiles_to_sass_for_sm80_and_sm90_without_spills() -> None:
     reports = inspect_specs(SPECS, ["sm_80", "sm_90"], ["float32", "float64"])
     kernels = {(r.cell, r.kernel) for r in reports}
-    assert {("lstm", "hoisted"), ("lstm", "stage0"), ("lstm", "stage1"), ("gru", "stage1"),
+    assert {("runtime", "hoisted"), ("lstm", "stage0"), ("lstm", "stage1"), ("gru", "stage1"),
             ("qrnn", "scan"), ("gru_cudnn", "stage0")} <= kernels
+    assert not any(k == "hoisted" for c, k in kernels if c != "runtime")  # compiled once, not per cell
     assert not any(k.startswith("epilogue") for _, k in kernels)  # every shipped epilogue is fused
     assert len(reports) == len(kernels) * 4
     for r in reports:

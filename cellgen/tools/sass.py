@@ -4,6 +4,10 @@ numba-cuda's NVVM makes the PTX (``numba.cuda.compile_ptx``) and nvJitLink (from
 ``numba-cuda[cu13]`` wheels) links it for ``sm_80`` / ``sm_90``; its verbose log gives
 registers per thread, spill bytes and shared memory. The theoretical occupancy follows
 from those and the kernel's block size with each architecture's per-SM limits.
+
+Every generated module's own kernels (``_CUDA_SOURCES``), and once the runtime's kernels the
+modules launch (``_CUDA_RUNTIME``: the hoisted GEMM of :mod:`cellgen.backends.cuda.gemm`),
+reported under the cell name ``runtime``.
 """
 
 from __future__ import annotations
@@ -123,33 +127,49 @@ def load_generated(spec_path: str | Path, workdir: Path) -> ModuleType:
     return module
 
 
+def _report(cell: str, kernel: str, fn, kinds, block, dtype: str, arch: str) -> KernelReport:
+    """Compile one plain kernel function for ``dtype`` and ``arch`` and read its SASS figures."""
+    import numpy as np
+    from numba import cuda
+
+    ptx, _ = cuda.compile_ptx(fn, signature(kinds, dtype), cc=ARCHS[arch]["cc"])
+    info = link_info(ptx, arch, kernel)
+    threads = int(np.prod(block))
+    return KernelReport(cell, kernel, dtype, arch, tuple(block), info["registers"], info["spill_stores"],
+                        info["spill_loads"], info["stack"], info["smem"],
+                        occupancy(arch, threads, info["registers"], info["smem"]))
+
+
 def inspect_module(module: ModuleType, archs: list[str], dtypes: list[str]) -> list[KernelReport]:
     """Compile every CUDA kernel of a generated module for each dtype and architecture."""
     import numpy as np
     from numba import cuda
 
     module.cuda = cuda  # what _cuda_kernels binds before jitting, without needing a GPU
-    reports = []
-    for dtype in dtypes:
-        for kernel, fn in module._CUDA_SOURCES[np.dtype(dtype)].items():
-            sig = signature(module._CUDA_ARGS[kernel], dtype)
-            block = tuple(module._CUDA_BLOCKS[kernel])
-            for arch in archs:
-                ptx, _ = cuda.compile_ptx(fn, sig, cc=ARCHS[arch]["cc"])
-                info = link_info(ptx, arch, kernel)
-                threads = int(np.prod(block))
-                reports.append(KernelReport(module.NAME, kernel, dtype, arch, block, info["registers"],
-                                            info["spill_stores"], info["spill_loads"], info["stack"], info["smem"],
-                                            occupancy(arch, threads, info["registers"], info["smem"])))
-    return reports
+    return [_report(module.NAME, kernel, fn, module._CUDA_ARGS[kernel], module._CUDA_BLOCKS[kernel], dtype, arch)
+            for dtype in dtypes for kernel, fn in module._CUDA_SOURCES[np.dtype(dtype)].items() for arch in archs]
+
+
+def inspect_runtime(names: list[str], archs: list[str], dtypes: list[str]) -> list[KernelReport]:
+    """Compile the runtime's kernels ``names`` (a module's ``_CUDA_RUNTIME``) for each dtype and architecture."""
+    from numba import cuda
+
+    from cellgen.backends.cuda import gemm
+
+    gemm.cuda = cuda  # what gemm.kernel binds before jitting
+    kernels = {"hoisted": (gemm.source, gemm.ARGS, gemm.BLOCK)}
+    return [_report("runtime", name, kernels[name][0](dtype), kernels[name][1], kernels[name][2], dtype, arch)
+            for dtype in dtypes for name in names for arch in archs]
 
 
 def inspect_specs(paths: list[str | Path], archs: list[str], dtypes: list[str]) -> list[KernelReport]:
-    """:func:`inspect_module` for every spec file (or folder of specs)."""
+    """:func:`inspect_module` for every spec file (or folder of specs), after the runtime kernels they launch."""
     from cellgen.build import spec_files
 
     with tempfile.TemporaryDirectory(prefix="cellgen-inspect-") as tmp:
-        return [r for p in spec_files(list(paths)) for r in inspect_module(load_generated(p, Path(tmp)), archs, dtypes)]
+        modules = [load_generated(p, Path(tmp)) for p in spec_files(list(paths))]
+        runtime = list(dict.fromkeys(name for m in modules for name in m._CUDA_RUNTIME))
+        return inspect_runtime(runtime, archs, dtypes) + [r for m in modules for r in inspect_module(m, archs, dtypes)]
 
 
 def table(reports: list[KernelReport]) -> str:

@@ -1,5 +1,6 @@
 """CUDA runtime the generated modules share: device arrays, weight upload, launch helpers and
-TF 1.x ``dynamic_rnn`` / ``bidirectional_dynamic_rnn`` around a module's ``backends["cuda"]``.
+TF 1.x ``dynamic_rnn`` / ``bidirectional_dynamic_rnn`` around a module's ``backends["cuda"]``
+(the hoisted GEMM is :mod:`cellgen.backends.cuda.gemm`).
 
 Arrays in and out may be NumPy (copied to the device and back) or device arrays: numba
 device arrays or anything with ``__cuda_array_interface__`` (CuPy, PyTorch CUDA tensors),
@@ -68,6 +69,13 @@ def empty(shape: tuple[int, ...], dtype) -> Any:
     return numba_cuda().device_array(tuple(int(d) for d in shape), dtype=np.dtype(dtype))
 
 
+def copy(a) -> Any:
+    """A new device array with a device array's contents (device to device)."""
+    out = empty(a.shape, a.dtype)
+    out.copy_to_device(a)
+    return out
+
+
 def is_device_array(a) -> bool:
     """A numba device array or anything exporting ``__cuda_array_interface__``."""
     if hasattr(a, "__cuda_array_interface__"):
@@ -98,7 +106,7 @@ def _host_tree(value):
     return type(value)(*map(to_host, value)) if hasattr(value, "_fields") else [to_host(v) for v in value]
 
 
-# -- weights and the hoisted GEMM ----------------------------------------------------------------
+# -- weights ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DeviceWeights:
     """A cell's packed weights on the device; recurrent ones gate-interleaved where the kernel fuses."""
@@ -132,17 +140,6 @@ def upload_weights(packed, params: Mapping[str, np.ndarray], gates: Sequence[int
         recurrent=tuple(module.to_device(interleave(w, g)) for w, g in zip(recurrent, gates, strict=True)),
         params={name: module.to_device(np.ascontiguousarray(params[name])) for name in unit_params},
     )
-
-
-def hoisted_gemm(kernel, xs, weight, bias, tile: int, threads: tuple[int, int]) -> Any:
-    """Launch the generated hoisted GEMM over all T*B rows of xs [T, B, I]: [T, B, width]."""
-    steps, batch, size = xs.shape
-    width = weight.shape[1]
-    pre = empty((steps * batch, width), xs.dtype)
-    if steps * batch and width:
-        grid = (blocks(width, tile), blocks(steps * batch, tile))
-        kernel[grid, threads](xs.reshape(steps * batch, size), weight, bias, pre)
-    return pre.reshape(steps, batch, width)
 
 
 # -- hand-written copy kernels (cell-independent) ------------------------------------------------

@@ -1,0 +1,479 @@
+"""Stage 4c, facts (FusedPlan -> CudaLayout): the CUDA launch layout, decided in Python from the plan.
+
+Every GPU fact lives here, as frozen dataclasses: the thread block and the reduction tile, which
+recurrent GEMM fuses its epilogue and how its gates are interleaved (:class:`StageLayout`), which
+states the GPU double-buffers, and per kernel (:class:`CudaKernel`) what it runs, its arguments
+(:class:`KernelArg`, found in the IR: the SymPy expressions' ``Indexed`` bases and free symbols
+mapped to kernel arrays), its block and grid and the buffers of a call. ``context.py`` only prints
+a :class:`CudaLayout`; the template only prints structure. The hoisted GEMM is the runtime's
+(:mod:`cellgen.backends.cuda.gemm`): a layout says only whether it runs.
+
+Kernels (docs/gpu.md):
+
+* ``stage{s}``: per step and recurrent GEMM ``s``, ONE kernel that runs the GEMM on a
+  gate-interleaved weight (the G gate columns of unit j adjacent) so that a thread owns
+  unit j of one batch row with all G accumulators, and applies epilogue ``s + 1`` straight
+  from them, sequence-length masking included (*fused*);
+* ``scan``: a scan-only cell (QRNN) is one kernel, a thread per (row, unit), time loop inside;
+* ``epilogue{k}``: an elementwise kernel, only for epilogue 0 (filling a stage-0 operand
+  buffer) and for an epilogue that cannot be fused (its loops have another domain than the
+  GEMM's gates, or the GEMM's gates differ in size). No shipped spec needs one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import sympy
+
+from cellgen.ir.plan import (
+    OUT,
+    PRE,
+    PRE_PREV,
+    UNIT,
+    X,
+    X_PREV,
+    Epilogue,
+    FusedPlan,
+    Loop,
+    RecurrentGemm,
+    Store,
+    hyper_name,
+    new_state_array,
+    size_name,
+    state_array,
+)
+
+#: Threads of a step/scan/elementwise block: one warp along units, BLOCK_ROWS batch rows.
+BLOCK_UNITS, BLOCK_ROWS = 32, 4
+#: Reduction tile of a stage kernel; equal to BLOCK_UNITS so each thread loads one operand element.
+TILE_K = BLOCK_UNITS
+#: The batch size of a call, as the host code names it (the y extent of every grid).
+BATCH = sympy.Symbol("B", integer=True, nonnegative=True)
+#: Plan arrays a kernel reads through a per-step view -> the host/kernel arguments behind the view.
+VIEW_ARGS = {PRE: ("pre",), PRE_PREV: ("pre", "pre0"), X: ("xs",), X_PREV: ("xs", "x0"), OUT: ("out",)}
+
+
+# -- the dataclasses ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageLayout:
+    """How recurrent GEMM ``stage`` runs on the GPU.
+
+    ``gates`` columns of each of ``units`` units, packed gate-interleaved (column
+    ``u * gates + g`` of the packed weight is column ``g * units + u`` of the plan's).
+    ``fused``: epilogue ``stage + 1`` runs in the same kernel from the accumulators.
+    ``stored``: accumulators written to ``rec{stage}`` for later epilogues.
+    An unfused stage has ``gates == 1`` and ``units == width`` (one column per thread).
+    """
+
+    stage: int
+    gates: int
+    units: sympy.Expr
+    fused: bool
+    stored: tuple[int, ...]
+
+    @property
+    def interleaved(self) -> bool:
+        return self.gates > 1
+
+
+@dataclass(frozen=True)
+class KernelArg:
+    """One kernel argument: its name (the same variable on the host) and kind.
+
+    Kinds: ``int``, ``real`` (the kernel's dtype), ``lengths`` (int64 [B]), ``array1``..``array3``.
+    """
+
+    name: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class StageGemm:
+    """The recurrent GEMM of a stage kernel: ``result[B, width] = operand[B, rows] @ weight``.
+
+    A block of ``block`` threads covers ``block[0]`` units of ``block[1]`` batch rows and owns the
+    ``columns = block[0] * gates`` contiguous (gate-interleaved) weight columns of its units; per
+    K tile of ``tile_k`` rows each thread loads one operand element and the block loads
+    ``weight_tile`` weight elements, ``threads`` at a time.
+    """
+
+    stage: int
+    operand: str  # the kernel array of the operand: a state read in place, or an operand buffer
+    weight: str
+    result: str
+    rows: sympy.Expr  # K
+    width: sympy.Expr  # N = gates * units
+    units: sympy.Expr  # the units a thread's j ranges over (j < units)
+    gates: int  # accumulators per thread: unit j's gate columns
+    stored: tuple[int, ...]  # the gates whose accumulators are written to ``result``
+    block: tuple[int, int]
+    tile_k: int
+
+    def __post_init__(self) -> None:
+        if self.tile_k != self.block[0]:  # each thread of a row loads one operand element per K tile
+            raise ValueError(f"stage {self.stage}: K tile {self.tile_k} != {self.block[0]} threads along units")
+
+    @property
+    def interleaved(self) -> bool:
+        """The weight's columns are gate-interleaved: shared memory stores them gate-major."""
+        return self.gates > 1
+
+    @property
+    def columns(self) -> int:
+        return self.block[0] * self.gates
+
+    @property
+    def threads(self) -> int:
+        return self.block[0] * self.block[1]
+
+    @property
+    def weight_tile(self) -> int:
+        return self.tile_k * self.columns
+
+    @property
+    def acc_columns(self) -> tuple[int, ...]:
+        """Per gate, the first shared-memory column of its block (``_sw[k, g * block[0] + tx]``)."""
+        return tuple(g * self.block[0] for g in range(self.gates))
+
+
+@dataclass(frozen=True)
+class StateCopy:
+    """After each step of a scan: ``old[b, j] = new[b, j]`` for ``j < domain`` (a thread's double buffer)."""
+
+    old: str
+    new: str
+    domain: sympy.Expr
+
+
+@dataclass(frozen=True)
+class CudaKernel:
+    """One generated kernel: what it runs at each (row b, unit j), its arguments and its launch.
+
+    ``grid`` is the extent its threads cover along x (units: the largest of ``grid[0]``) and y
+    (batch rows), in blocks of ``block``. ``per_step``: launched once per time step by the host
+    (False: the scan, whose time loop runs inside). ``gemm``: the recurrent GEMM of a stage
+    kernel (None: elementwise). ``loops``: the epilogue loops it runs, each ``guarded`` by
+    ``j < domain`` (a stage kernel guards ``j < units`` once). ``views``: the plan arrays it
+    reads through per-step views. ``masked``: rows past their length store something.
+    """
+
+    name: str
+    args: tuple[KernelArg, ...]
+    block: tuple[int, int]
+    grid: tuple[tuple[sympy.Expr, ...], sympy.Expr]
+    per_step: bool
+    gemm: StageGemm | None
+    epilogue: int | None
+    loops: tuple[Loop, ...]
+    guarded: bool
+    views: tuple[str, ...]
+    masked: bool
+    copies: tuple[StateCopy, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.gemm is not None and self.gemm.block != self.block:
+            raise ValueError(f"{self.name}: its GEMM's block {self.gemm.block} is not the kernel's {self.block}")
+
+    @property
+    def stage(self) -> bool:
+        return self.gemm is not None
+
+    @property
+    def runs_epilogue(self) -> bool:
+        return bool(self.loops)
+
+    @property
+    def arg_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.args)
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A per-call device buffer ``[B, width]``: a GEMM result a later epilogue reads, or a stage operand."""
+
+    name: str
+    width: sympy.Expr
+
+
+@dataclass(frozen=True)
+class CudaLayout:
+    """Everything the CUDA backend decides for one plan; ``context.py`` prints it.
+
+    ``plan`` is the plan after the GPU's double-buffering (what the kernels print).
+    ``kernels`` in launch order: per step (``scan`` False: the host loops over t) or the one scan.
+    ``hoisted``: the runtime's hoisted GEMM runs first (``delayed``: once more on the initial
+    x_{t-1}, giving ``pre0``). ``recurrent_states`` and ``delay_state`` index the call's states.
+    """
+
+    plan: FusedPlan
+    block: tuple[int, int]
+    tile_k: int
+    stages: tuple[StageLayout, ...]
+    double_buffered: tuple[str, ...]
+    kernels: tuple[CudaKernel, ...]
+    scan: bool
+    hoisted: bool
+    delayed: bool
+    buffers: tuple[Buffer, ...]
+    recurrent_states: tuple[str, ...]
+    delay_state: str | None
+    unit_params: tuple[str, ...]  # per-unit parameter vectors (and epilogue biases) uploaded as they are
+
+    @property
+    def weights(self) -> tuple[str, ...]:
+        """Per recurrent GEMM, the kernel array of its weight (``weights.recurrent[s]`` on the device)."""
+        return tuple(weight_array(s.stage) for s in self.stages)
+
+    @property
+    def gates(self) -> tuple[int, ...]:
+        """Per recurrent GEMM: gates interleaved per unit in its packed weight (1: columns as packed)."""
+        return tuple(s.gates for s in self.stages)
+
+    def kernel(self, name: str) -> CudaKernel:
+        return next(k for k in self.kernels if k.name == name)
+
+
+def weight_array(stage: int) -> str:
+    """The kernel array of recurrent GEMM ``stage``'s packed (gate-interleaved) weight."""
+    return f"w_rec{stage}"
+
+
+# -- facts on the plan ---------------------------------------------------------------------------
+def loop_exprs(loop: Loop) -> list[sympy.Expr]:
+    """Every expression of a loop: temporaries, and each store's value, target and masked value."""
+    exprs = [e for _, e in loop.temps]
+    for s in loop.stores:
+        exprs += [s.value, s.target] + ([s.masked] if s.masked is not None else [])
+    return [sympy.sympify(e) for e in exprs]
+
+
+def reads(loop: Loop, array: str) -> list[sympy.Expr]:
+    """The column indices at which ``loop`` reads ``array``."""
+    return [i.indices[0] for e in loop_exprs(loop) for i in e.atoms(sympy.Indexed) if str(i.base) == array]
+
+
+def gate_of(index: sympy.Expr, units: sympy.Expr, gates: int) -> int | None:
+    """``k`` when ``index == k * units + j`` with ``0 <= k < gates``; else None.
+
+    >>> n = sympy.Symbol("num_units")
+    >>> gate_of(UNIT + 2 * n, n, 4), gate_of(UNIT + 1, n, 4)
+    (2, None)
+    """
+    k = sympy.simplify((index - UNIT) / units)
+    if k.is_Integer and 0 <= int(k) < gates:
+        return int(k)
+    return None
+
+
+def gate_layout(plan: FusedPlan, gemm: RecurrentGemm) -> tuple[int, sympy.Expr] | None:
+    """(gates G, units D) when every gate of the GEMM's linears has the same size D; else None."""
+    linears = [lin for lin in plan.spec.linears if lin.kernel in gemm.linears]
+    sizes = {lin.gate_size for lin in linears}
+    if len(sizes) != 1:
+        return None
+    units = sizes.pop()
+    gates = sum(len(lin.gates) for lin in linears)
+    if sympy.simplify(gates * units - gemm.width) != 0:
+        return None
+    return gates, units
+
+
+def stage_layouts(plan: FusedPlan) -> tuple[StageLayout, ...]:
+    """One :class:`StageLayout` per recurrent GEMM: fuse its epilogue where the gates allow."""
+    by_index = {e.index: e for e in plan.epilogues}
+    layouts = []
+    for gemm in plan.gemms:
+        result, following = gemm.result, by_index.get(gemm.stage + 1)
+        found = gate_layout(plan, gemm)
+        fused = found is not None and (following is None or all(
+            loop.domain == found[1] and all(gate_of(i, found[1], found[0]) is not None for i in reads(loop, result))
+            for loop in following.loops))
+        later = [(loop.domain, i) for e in plan.epilogues if e.index > gemm.stage + 1 or not fused
+                 for loop in e.loops for i in reads(loop, result)]
+        if not fused or found is None:
+            layouts.append(StageLayout(gemm.stage, 1, gemm.width, False, (0,) if later else ()))
+            continue
+        gates, units = found
+        ks = {gate_of(i, units, gates) if domain == units else None for domain, i in later}
+        stored = tuple(range(gates)) if None in ks else tuple(sorted(ks))
+        layouts.append(StageLayout(gemm.stage, gates, units, True, stored))
+    return tuple(layouts)
+
+
+def gpu_double_buffered(plan: FusedPlan, layouts: tuple[StageLayout, ...]) -> tuple[str, ...]:
+    """States the GPU double-buffers: the plan's, plus any state a fused kernel both reads whole
+    (as its GEMM operand, across all units) and stores: other blocks may still be reading it."""
+    names = set(plan.double_buffered)
+    by_index = {e.index: e for e in plan.epilogues}
+    for gemm, layout in zip(plan.gemms, layouts, strict=True):
+        following = by_index.get(gemm.stage + 1)
+        if not layout.fused or gemm.direct_state is None or following is None:
+            continue
+        targets = {str(s.target.base) for loop in following.loops for s in loop.stores}
+        if state_array(gemm.direct_state) in targets:
+            names.add(gemm.direct_state)
+    return tuple(n for n in plan.recurrent_states if n in names)
+
+
+def double_buffer(plan: FusedPlan, names: tuple[str, ...]) -> FusedPlan:
+    """Retarget in-place stores of ``names`` to ``sn_<name>`` (rows past their length copy the old value)."""
+    old = {state_array(n): new_state_array(n) for n in names}
+
+    def store(s: Store) -> Store:
+        base = str(s.target.base)
+        if base not in old:
+            return s
+        index = s.target.indices[0]
+        return Store(sympy.Indexed(sympy.IndexedBase(old[base]), index), s.value, s.target)
+
+    epilogues = tuple(Epilogue(e.index, tuple(dataclasses.replace(loop, stores=tuple(map(store, loop.stores)))
+                                              for loop in e.loops)) for e in plan.epilogues)
+    batched = tuple(sorted(set(plan.batched_arrays) | {new_state_array(n) for n in names}))
+    return dataclasses.replace(plan, epilogues=epilogues, batched_arrays=batched, double_buffered=names)
+
+
+# -- arguments, from the IR ----------------------------------------------------------------------
+def arg_order(plan: FusedPlan) -> tuple[KernelArg, ...]:
+    """Every possible kernel argument, in the order kernels take them."""
+    spec = plan.spec
+    args = [KernelArg("t", "int"), KernelArg("pre", "array3"), KernelArg("pre0", "array2"),
+            KernelArg("xs", "array3"), KernelArg("x0", "array2"), KernelArg("lengths", "lengths")]
+    args += [KernelArg(weight_array(g.stage), "array2") for g in plan.gemms]
+    args += [KernelArg(g.result, "array2") for g in plan.gemms]
+    args += [KernelArg(g.operand_buffer, "array2") for g in plan.gemms if g.operand_buffer is not None]
+    args += [KernelArg(plan.param_arrays[n], "array1") for n in (*plan.unit_params, *plan.epilogue_biases)]
+    args += [KernelArg(hyper_name(h.name), "real") for h in spec.hypers]
+    args += [KernelArg(size_name(str(s)), "int") for s in spec.all_sizes]
+    args += [KernelArg(state_array(n), "array2") for n in plan.recurrent_states]
+    args += [KernelArg(new_state_array(n), "array2") for n in plan.recurrent_states]
+    args.append(KernelArg("out", "array3"))
+    return tuple(args)
+
+
+def used(exprs: list[sympy.Expr]) -> set[str]:
+    """Argument names an expression list needs: arrays (through their views) and scalars.
+
+    Read off the IR: every ``Indexed`` base is a kernel array (a per-step view names the
+    arrays behind it, :data:`VIEW_ARGS`), every free symbol a scalar. Hyperparameters are
+    already their kernel variables in the plan (``hy_...``); sizes are the spec's size symbols
+    (integer), printed as their kernel variables (``n_...``).
+    """
+    names: set[str] = set()
+    for e in exprs:
+        e = sympy.sympify(e)
+        for i in e.atoms(sympy.Indexed):
+            names.update(VIEW_ARGS.get(str(i.base), (str(i.base),)))
+            names.update(sizes_used(*i.indices))
+        names.update(size_name(str(s)) if s.is_integer else str(s) for s in e.free_symbols
+                     if not isinstance(s, sympy.Indexed) and s != UNIT)
+    return names
+
+
+def loops_used(loops: tuple[Loop, ...]) -> set[str]:
+    """:func:`used` over every expression and domain of ``loops``."""
+    return used([e for loop in loops for e in (*loop_exprs(loop), loop.domain)])
+
+
+def sizes_used(*exprs: sympy.Expr) -> set[str]:
+    """The kernel variables of the sizes in index or size expressions."""
+    return {size_name(str(s)) for e in exprs for s in sympy.sympify(e).free_symbols if s != UNIT}
+
+
+def views(loops: tuple[Loop, ...]) -> tuple[str, ...]:
+    """The plan arrays ``loops`` read or write through a per-step view (``pre`` -> ``pre_t``), in a fixed order."""
+    arrays = {str(i.base) for loop in loops for e in loop_exprs(loop) for i in e.atoms(sympy.Indexed)}
+    return tuple(name for name in VIEW_ARGS if name in arrays)
+
+
+def masked(loops: tuple[Loop, ...]) -> bool:
+    """Some store of ``loops`` writes a value past the sequence length (not just keeps the target)."""
+    return any(s.masked is not None and s.masked != s.target for loop in loops for s in loop.stores)
+
+
+# -- the layout ----------------------------------------------------------------------------------
+class _Builder:
+    """Makes every kernel of one plan (after the GPU's double-buffering)."""
+
+    def __init__(self, plan: FusedPlan) -> None:
+        self.stages = stage_layouts(plan)
+        self.double_buffered = gpu_double_buffered(plan, self.stages)
+        self.plan = double_buffer(plan, self.double_buffered)
+        self.order = arg_order(self.plan)
+        self.by_index = {e.index: e for e in self.plan.epilogues}
+
+    def args(self, names: set[str]) -> tuple[KernelArg, ...]:
+        return tuple(a for a in self.order if a.name in names)
+
+    def stage(self, gemm: RecurrentGemm, layout: StageLayout) -> CudaKernel:
+        """GEMM ``gemm.stage`` (+ its epilogue when fused) as one kernel."""
+        runs = layout.fused and gemm.stage + 1 in self.by_index  # the following epilogue, from the accumulators
+        loops = self.by_index[gemm.stage + 1].loops if runs else ()
+        operand = state_array(gemm.direct_state) if gemm.direct_state else gemm.operand_buffer
+        weight = weight_array(gemm.stage)
+        names = {"t", "lengths", operand, weight} | loops_used(loops)
+        names |= sizes_used(gemm.rows, gemm.width, layout.units)
+        if layout.stored:
+            names.add(gemm.result)
+        else:  # read from the accumulators only
+            names.discard(gemm.result)
+        block = (BLOCK_UNITS, BLOCK_ROWS)
+        spec = StageGemm(gemm.stage, operand, weight, gemm.result, gemm.rows, gemm.width, layout.units,
+                         layout.gates, layout.stored, block, TILE_K)
+        return CudaKernel(f"stage{gemm.stage}", self.args(names), block, ((layout.units,), BATCH), True, spec,
+                          gemm.stage + 1 if loops else None, loops, False, views(loops), masked(loops))
+
+    def elementwise(self, index: int, scan: bool) -> CudaKernel:
+        """Epilogue ``index`` as one kernel, a thread per (row, unit): per step, or the whole scan."""
+        loops = self.by_index[index].loops
+        names = {"lengths"} | loops_used(loops)
+        if scan:  # the time loop runs to out.shape[0]
+            names = (names - {"t"}) | {"out"}
+        else:
+            names.add("t")
+        copies = []
+        if scan:  # a thread's double-buffered states: new -> old after each step
+            for name in self.double_buffered:
+                domain = next(loop.domain for loop in loops for s in loop.stores
+                              if str(s.target.base) == new_state_array(name))
+                copies.append(StateCopy(state_array(name), new_state_array(name), domain))
+        extents = tuple(dict.fromkeys(loop.domain for loop in loops))
+        return CudaKernel("scan" if scan else f"epilogue{index}", self.args(names), (BLOCK_UNITS, BLOCK_ROWS),
+                          (extents, BATCH), not scan, None, index, loops, True, views(loops), masked(loops),
+                          tuple(copies))
+
+    def kernels(self) -> tuple[CudaKernel, ...]:
+        plan = self.plan
+        if plan.scan_only:
+            return (self.elementwise(0, scan=True),)
+        kernels = []
+        for kind, index in plan.schedule():
+            if kind == "gemm":
+                kernels.append(self.stage(plan.gemms[index], self.stages[index]))
+            elif index == 0 or not self.stages[index - 1].fused:
+                kernels.append(self.elementwise(index, scan=False))
+        return tuple(kernels)
+
+    def buffers(self) -> tuple[Buffer, ...]:
+        buffers = []
+        for gemm, layout in zip(self.plan.gemms, self.stages, strict=True):
+            if layout.stored:
+                buffers.append(Buffer(gemm.result, gemm.width))
+            if gemm.operand_buffer is not None:
+                buffers.append(Buffer(gemm.operand_buffer, gemm.rows))
+        return tuple(buffers)
+
+
+def cuda_layout(plan: FusedPlan) -> CudaLayout:
+    """The launch layout of ``plan``'s kernels: every GPU decision, made here."""
+    b = _Builder(plan)
+    gpu = b.plan
+    return CudaLayout(
+        plan=gpu, block=(BLOCK_UNITS, BLOCK_ROWS), tile_k=TILE_K, stages=b.stages,
+        double_buffered=b.double_buffered, kernels=b.kernels(), scan=gpu.scan_only,
+        hoisted=plan.hoisted is not None, delayed=bool(plan.hoisted is not None and plan.hoisted.delayed),
+        buffers=b.buffers(), recurrent_states=gpu.recurrent_states,
+        delay_state=plan.delay_states[0] if plan.delay_states else None,
+        unit_params=(*gpu.unit_params, *gpu.epilogue_biases),
+    )
