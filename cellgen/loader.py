@@ -1,17 +1,19 @@
 """``cellgen.load(name_or_path)``: a cell's generated module, ready to call, without a build step.
 
 * ``cellgen.load("lstm")``: a shipped cell (``cellgen.resources.shipped_specs()``), imported as
-  ``cellgen.cells.lstm`` from the installed package (in a checkout: the repository's ``generated/``).
-  Its ``# key:`` line is checked against the key its shipped spec has under this cellgen first: a
-  stale module is never imported; a fresh one is built from the shipped spec instead (a
-  :class:`StaleCellWarning` says so).
+  ``cellgen.cells.lstm`` from the installed package. Its ``# key:`` line is checked against the key
+  its shipped spec has under this cellgen first: a stale module is never imported; a fresh one is
+  built from the shipped spec instead (a :class:`StaleCellWarning` says so). In a checkout the
+  shipped spec is loaded as a path (below): the repository's ``generated/`` is the package
+  ``generated`` of its tests, and a file must be imported under one module name only, because a
+  Numba cache entry records the name it was compiled under (loading it under another name imports
+  that one, which fails where it is not importable).
 * ``cellgen.load("path/to/spec.py")``: the module of that spec file, built by :func:`cellgen.build.build`
   (verified, all or nothing) into the cache folder ``<cache>/<name>-<digest>/`` (``<digest>``:
-  sha256 of the module text, which holds the build key and the spec's path) and imported under a
-  name of its own (``_cellgen_<name>_<digest>``), never ``generated.<name>``. A later process
-  finds the file unchanged and does not build or touch it, so Numba's on-disk cache
-  (``__pycache__`` beside it) stays valid. A spec whose module is exactly a shipped one's (the shipped
-  spec file itself) gets the shipped module.
+  sha256 of the module text, which holds the build key and the spec's path) and imported under the
+  name ``_cellgen_<name>_<digest>``, never ``generated.<name>``. A later process finds the file
+  unchanged and does not build or touch it, so Numba's on-disk cache (``__pycache__`` beside it)
+  stays valid.
 
 ``<cache>`` is ``$CELLGEN_CACHE_DIR``, else the user's cache folder (``$XDG_CACHE_HOME/cellgen`` or
 ``~/.cache/cellgen``; ``~/Library/Caches/cellgen`` on macOS, ``%LOCALAPPDATA%\\cellgen\\Cache`` on
@@ -84,10 +86,13 @@ def _load_shipped(name: str, timeout: float | None) -> ModuleType:
     if name not in specs:
         raise ValueError(f"no shipped cell named {name!r}; the shipped cells are {', '.join(specs)} "
                          f"(to load a spec file, pass its path, e.g. {name + '.py'!r})")
+    spec_path = specs[name]
+    if not resources.installed():
+        module = _LOADED[memo] = _load_path(spec_path, timeout)
+        return module
     from cellgen.build import spec_key
     from cellgen.frontend.spec import load_spec
 
-    spec_path = specs[name]
     want = spec_key(load_spec(spec_path, _timeout(timeout)))
     target = resources.cells_dir() / f"{name}.py"
     have = _header_key(target)
@@ -126,16 +131,13 @@ def _load_path(path: Path, timeout: float | None) -> ModuleType:
     from cellgen.build import build, generate
 
     name, text = generate(path, _timeout(timeout))
-    if _same_text(resources.cells_dir() / f"{name}.py", text):
-        module = resources.import_shipped(name)
-    else:
-        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        folder = cache_dir() / f"{name}-{digest}"
-        target = folder / f"{name}.py"
-        if not _same_text(target, text):
-            (result,) = build([path], out_dir=folder, timeout=_timeout(timeout))
-            target = result.target
-        module = _import_file(f"_cellgen_{name}_{digest}", target)
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    folder = cache_dir() / f"{name}-{digest}"
+    target = folder / f"{name}.py"
+    if not _same_text(target, text):
+        (result,) = build([path], out_dir=folder, timeout=_timeout(timeout))
+        target = result.target
+    module = _import_file(f"_cellgen_{name}_{digest}", target)
     _LOADED[memo] = module
     return module
 

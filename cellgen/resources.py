@@ -9,8 +9,10 @@ Two layouts, and nothing else in cellgen knows either:
 * **a checkout** (an editable install, or the repository on ``sys.path``): the repository's
   top-level ``templates/``, ``specs/`` and ``generated/``.
 
-Either way the shipped modules are imported as ``cellgen.cells.<name>`` (:func:`import_shipped`),
-never as ``generated.<name>``, which is the user's (or, in the checkout, the repository's own tests').
+Installed, the shipped modules are imported as ``cellgen.cells.<name>`` (:func:`import_shipped`),
+never as ``generated.<name>``, which is the user's. In a checkout ``generated/`` is the package
+``generated`` of the repository's tests, and :func:`cellgen.load` never imports it (a file imported
+under two module names would share one Numba cache that records only one of them).
 
 :func:`check_out_dir` is the rule of every build: cellgen never writes into its own package or into
 a ``site-packages`` folder.
@@ -19,7 +21,6 @@ a ``site-packages`` folder.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import site
 import sys
 import sysconfig
@@ -74,34 +75,12 @@ def shipped_specs() -> dict[str, Path]:
     return {p.stem: p for p in sorted(specs_dir().glob("*.py")) if not p.name.startswith("_")}
 
 
-def cells_package() -> ModuleType:
-    """The package ``cellgen.cells``, whose folder is :func:`cells_dir`.
-
-    Installed, it is a real subpackage. In a checkout it is made here, over the repository's
-    ``generated/`` (an editable install of another checkout cannot hand over its own).
-    """
-    folder = str(cells_dir())
-    package = sys.modules.get(CELLS_PACKAGE)
-    if package is not None and list(getattr(package, "__path__", [])) == [folder]:
-        return package
-    if installed():
-        return importlib.import_module(CELLS_PACKAGE)
-    spec = importlib.util.spec_from_file_location(CELLS_PACKAGE, Path(folder) / "__init__.py",
-                                                  submodule_search_locations=[folder])
-    assert spec is not None and spec.loader is not None
-    package = importlib.util.module_from_spec(spec)
-    sys.modules[CELLS_PACKAGE] = package
-    spec.loader.exec_module(package)
-    import cellgen
-
-    cellgen.cells = package  # type: ignore[attr-defined]  # as an import of the subpackage would
-    return package
-
-
 def import_shipped(name: str) -> ModuleType:
-    """``cellgen.cells.<name>``: a shipped cell's generated module (no check that it is fresh:
-    :func:`cellgen.load` checks)."""
-    cells_package()
+    """``cellgen.cells.<name>`` of the installed package: a shipped cell's generated module (no check
+    that it is fresh: :func:`cellgen.load` checks)."""
+    if not installed():
+        raise ResourceError(f"{CELLS_PACKAGE} exists in an installed cellgen only; in a checkout, import "
+                            f"generated.{name} from the repository's root or call cellgen.load({name!r})")
     return importlib.import_module(f"{CELLS_PACKAGE}.{name}")
 
 

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import sysconfig
 import venv
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -127,13 +128,20 @@ def test_build_refuses_cellgens_package_and_site_packages(tmp_path: Path, where:
 
 # -- cellgen.load ----------------------------------------------------------------------------------------
 
+def _forget_cached_modules() -> None:
+    for name in [m for m in sys.modules if m.startswith("_cellgen_")]:
+        del sys.modules[name]
+
+
 @pytest.fixture
-def fresh_load(tmp_path: Path, monkeypatch) -> Path:
+def fresh_load(tmp_path: Path, monkeypatch) -> Iterator[Path]:
     """An empty cache folder and no module loaded yet in this process."""
     cache = tmp_path / "cache"
     monkeypatch.setenv(loader.CACHE_ENV, str(cache))
     monkeypatch.setattr(loader, "_LOADED", {})
-    return cache
+    _forget_cached_modules()
+    yield cache
+    _forget_cached_modules()
 
 
 def test_shipped_cells_are_the_shipped_specs() -> None:
@@ -143,13 +151,16 @@ def test_shipped_cells_are_the_shipped_specs() -> None:
     assert not resources.installed()  # the tests run from the checkout
 
 
-def test_load_a_shipped_cell_by_name(fresh_load: Path) -> None:
+def test_load_a_shipped_cell_by_name_in_the_checkout(fresh_load: Path) -> None:
+    """In the checkout generated/ stays the tests' `generated` (one module name per file, for Numba's
+    cache): the shipped spec is loaded like a path (installed: test_the_installed_wheel_in_an_empty_project)."""
     module = cellgen.load("qrnn_f")
-    assert module.__name__ == "cellgen.cells.qrnn_f" and Path(module.__file__) == REPO / "generated" / "qrnn_f.py"
+    assert module.__name__.startswith("_cellgen_qrnn_f_") and Path(module.__file__).parent.parent == fresh_load
+    assert Path(module.__file__).read_text() == (REPO / "generated" / "qrnn_f.py").read_text()
     assert spec_key(load_spec(REPO / "specs" / "qrnn_f.py")) == module.KEY
     assert cellgen.load("qrnn_f") is module
-    assert cellgen.load(REPO / "specs" / "qrnn_f.py") is module  # the shipped spec's module is the shipped one
-    assert not fresh_load.exists()
+    assert cellgen.load(REPO / "specs" / "qrnn_f.py") is module
+    assert not any(m == "cellgen.cells" or m.startswith("cellgen.cells.") for m in sys.modules)
     with pytest.raises(ValueError, match=r"no shipped cell named 'nope'; the shipped cells are .*lstm.*'nope\.py'"):
         cellgen.load("nope")
     with pytest.raises(FileNotFoundError, match="no spec file"):
@@ -179,12 +190,16 @@ def test_load_a_spec_file_builds_it_into_the_cache_once(fresh_load: Path, tmp_pa
 
 
 def test_a_stale_shipped_module_is_never_imported(fresh_load: Path, tmp_path: Path, monkeypatch) -> None:
+    """An installed cellgen whose shipped qrnn_f.py has another key than its spec builds now."""
     cells = tmp_path / "cells"
     cells.mkdir()
     text = (REPO / "generated" / "qrnn_f.py").read_text()
     (cells / "qrnn_f.py").write_text(re.sub(r"# key: \w+", "# key: " + "0" * 64, text, count=1)
                                      + "\nraise RuntimeError('the stale module was imported')\n")
+    monkeypatch.setattr(resources, "installed", lambda: True)
     monkeypatch.setattr(resources, "cells_dir", lambda: cells)
+    monkeypatch.setattr(resources, "specs_dir", lambda: REPO / "specs")
+    monkeypatch.setattr(resources, "import_shipped", lambda name: pytest.fail("imported the stale module"))
     with pytest.warns(loader.StaleCellWarning, match=r"cellgen.load\('qrnn_f'\): the shipped module .* has key 0000"):
         module = cellgen.load("qrnn_f")
     assert Path(module.__file__).parent.parent == fresh_load
@@ -204,7 +219,7 @@ def test_cellgen_run_from_the_checkout(fresh_load: Path) -> None:
     from cellgen.tools.demo import run_spec
 
     report = run_spec(str(REPO / "specs" / "qrnn_f.py"), 2, 3, 4, 5)
-    assert report.startswith(f"loaded qrnn_f from {REPO / 'specs' / 'qrnn_f.py'}: {REPO / 'generated' / 'qrnn_f.py'}")
+    assert report.startswith(f"loaded qrnn_f from {REPO / 'specs' / 'qrnn_f.py'}: {fresh_load}")
 
 
 # -- the wheel in a fresh venv, in an empty project --------------------------------------------------------
