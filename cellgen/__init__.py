@@ -2,10 +2,14 @@
 
 Pipeline: spec file --load--> CellSpec --analyse--> FusedPlan --passes--> FusedPlan
 --print/render--> generated/<name>.py. See docs/architecture.md.
+
+``cellgen.load("lstm")`` / ``cellgen.load("path/to/spec.py")``: a shipped cell's or a spec file's
+generated module, built into a keyed cache folder when needed (:mod:`cellgen.loader`).
 """
 
 __version__ = "0.1.0"
 
+from cellgen.loader import load  # noqa: E402
 from cellgen.runtime.stack import multi_rnn  # noqa: E402
 
-__all__ = ["__version__", "multi_rnn"]
+__all__ = ["__version__", "load", "multi_rnn"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import sympy
 
-from cellgen import __version__, backends
+from cellgen import __version__, backends, resources
 from cellgen.ir.analysis import analyse
 from cellgen.ir.passes import run_passes
 from cellgen.ir.plan import FusedPlan
@@ -25,7 +25,9 @@ from cellgen.codegen.verify import Module, verify
 
 PACKAGE = Path(__file__).resolve().parent
 REPO = PACKAGE.parent
-GENERATED = REPO / "generated"
+#: The shipped specs' generated modules (the checkout's generated/; cellgen/cells/ when installed): what
+#: ``stale`` checks by default. ``build`` writes into ``./generated`` of the working directory by default.
+GENERATED = resources.cells_dir()
 #: The compiler's own stages: their source is part of every generated module's key.
 #: The folders (and modules) of the compiler's stages: every .py file in them is part of each module's key,
 #: so no stage or backend can change without the build key changing (a registered backend's folder too).
@@ -141,13 +143,21 @@ def _check_targets(modules: list[Module], out_dir: Path, specs: list[Path]) -> N
                             "choose another --out or cell name")
 
 
-def build(paths: list[str | Path], out_dir: Path = GENERATED,
+def default_out_dir() -> Path:
+    """``./generated`` of the working directory: a package, so that ``import generated.<name>`` works there."""
+    return Path.cwd() / "generated"
+
+
+def build(paths: list[str | Path], out_dir: Path | None = None,
           timeout: float | None = DEFAULT_TIMEOUT) -> list[BuildResult]:
     """Generate and verify every spec's module first, then write them all or none.
 
-    A broken spec, a module that does not import, or an output that would land outside
-    ``out_dir`` or on a spec leaves every file untouched (SpecError).
+    ``out_dir`` defaults to :func:`default_out_dir`; one inside cellgen's own package or a
+    ``site-packages`` folder is a ValueError. A broken spec, a module that does not import, or an
+    output that would land outside ``out_dir`` or on a spec leaves every file untouched (SpecError).
     """
+    out_dir = default_out_dir() if out_dir is None else Path(out_dir)
+    resources.check_out_dir(out_dir)
     modules = generate_all(paths, out_dir, timeout)
     verify([m for m in modules if not _same_text(out_dir / f"{m.name}.py", m.text)], out_dir)
     init = out_dir / "__init__.py"

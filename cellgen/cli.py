@@ -10,9 +10,9 @@ from cellgen.frontend.spec import SpecError
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from cellgen.build import GENERATED, build, display_path, stale_report
+    from cellgen.build import build, default_out_dir, display_path, stale_report
 
-    out_dir = Path(args.out) if args.out else GENERATED
+    out_dir = Path(args.out) if args.out else default_out_dir()
     if args.check:
         old = stale_report(args.specs, out_dir, args.timeout)
         for target, why in old:
@@ -76,9 +76,10 @@ def _seconds(text: str) -> float:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cellgen", description="Compile RNN cell specs into fused Numba kernels.")
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="generate generated/<name>.py for each spec (or every spec in a folder)")
+    b = sub.add_parser("build", help="generate ./generated/<name>.py for each spec (or every spec in a folder)")
     b.add_argument("specs", nargs="+")
-    b.add_argument("--out", help="output folder (default: the repository's generated/)")
+    b.add_argument("--out", metavar="DIR",
+                   help="output folder (default: ./generated of the working directory, made a package)")
     b.add_argument("--check", action="store_true",
                    help="fail if a generated file is missing or stale, or its spec is gone")
     _add_timeout(b)

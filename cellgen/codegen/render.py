@@ -8,14 +8,14 @@ in ``templates/``.
 from __future__ import annotations
 
 import hashlib
-import math
 from pathlib import Path
+import math
 from typing import Any
 
 import jinja2
 import sympy
 
-from cellgen import __version__, backends
+from cellgen import __version__, backends, resources
 from cellgen.frontend.dsl import INPUT_SIZE, NUM_UNITS
 from cellgen.ir.plan import (
     FusedPlan,
@@ -27,7 +27,7 @@ from cellgen.codegen.printing import (
     print_index,
 )
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+TEMPLATES = resources.templates_dir()  # the installed package data or the checkout's templates/
 
 
 def template_folders() -> list[Path]:

@@ -134,13 +134,10 @@ def merge_rounds(rounds: list[Result]) -> Result:
 
 
 def load_module(spec_path: str):
-    """Build (if stale) and import a spec's generated module."""
-    from cellgen.build import GENERATED, build
+    """A spec's generated module: :func:`cellgen.load` (the shipped module, or a build in its cache)."""
+    import cellgen
 
-    (result,) = build([spec_path])
-    if str(GENERATED.parent) not in sys.path:
-        sys.path.insert(0, str(GENERATED.parent))
-    return importlib.import_module(f"generated.{result.target.stem}")
+    return cellgen.load(spec_path)
 
 
 def _torch_times(module, params, inputs, expected, num_units: int, args) -> dict[str, object] | None:
@@ -204,9 +201,8 @@ def bench_one(spec_path: str, label: str, shape: tuple[int, int, int, int], args
 
 # -- JIT -------------------------------------------------------------------------------------------
 _JIT_PROBE = """
-import sys, time, importlib, json
+import sys, time, importlib.util, json
 import numpy as np
-sys.path.insert(0, {root!r})
 start = time.perf_counter()
 from cellgen.backends.cpu import gemm, sync
 if {runtime_only!r}:
@@ -214,7 +210,10 @@ if {runtime_only!r}:
     sync.compile_shared()
     print(json.dumps({{"first_call_s": time.perf_counter() - start, "import_s": 0.0}}))
     raise SystemExit
-mod = importlib.import_module("generated.{name}")
+spec = importlib.util.spec_from_file_location("_cellgen_jit_probe", {path!r})
+mod = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = mod
+spec.loader.exec_module(mod)
 imported = time.perf_counter() - start
 params = mod.init_params(8, 256, seed=0, **{{s: 256 for s in mod.SIZES}})
 x = np.zeros((64, 40, 8), np.float32)  # enough work for the parallel path: it compiles too
@@ -230,13 +229,11 @@ def jit_times(spec_path: str) -> dict[str, float]:
     ``runtime``: compiling the shared packed-GEMM runtime (once per machine, every spec uses
     it); ``cold``: the spec's kernels with the runtime cached; ``cached``: everything cached.
     """
-    from cellgen.build import GENERATED
-
     module = load_module(spec_path)
     out = {}
     with tempfile.TemporaryDirectory() as cache:
         for kind in ("runtime", "cold", "cached"):
-            code = _JIT_PROBE.format(root=str(GENERATED.parent), name=module.NAME, runtime_only=kind == "runtime")
+            code = _JIT_PROBE.format(path=str(Path(module.__file__).resolve()), runtime_only=kind == "runtime")
             env = dict(os.environ, NUMBA_CACHE_DIR=cache)
             proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
             probe = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -136,10 +136,10 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """``cellgen bench --backend cuda SPEC...`` (called by :mod:`cellgen.tools.bench`)."""
-    from cellgen.tools.bench import load_module
+    import cellgen
 
     shapes = args.shape or list(GPU_SHAPES.items())
-    modules = [load_module(spec) for spec in args.specs]
+    modules = [cellgen.load(spec) for spec in args.specs]
     rows = bench_cuda(modules, shapes, args.repeat, args.warmup, torch=not args.no_torch)
     print(f"device: {rows[0]['device'] if rows else 'none'}")
     print(table(rows))

@@ -1,24 +1,20 @@
-"""`cellgen run SPEC`: build one spec and run the generated module on random data (the main job)."""
+"""`cellgen run SPEC`: load one spec's module (cellgen.load: built into the cache when needed) and run it on
+random data (the main job)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
 import time
 
 import numpy as np
 
 
 def run_spec(spec_path: str, batch: int, max_time: int, input_size: int, num_units: int, seed: int = 0) -> str:
-    """Build, import, and run ``dynamic_rnn`` on cpu and reference; report shapes, time and agreement."""
-    from cellgen.build import GENERATED, build
+    """Load (build when needed, :func:`cellgen.load`) and run ``dynamic_rnn`` on cpu and reference;
+    report shapes, time and agreement. ``spec_path`` may also be a shipped cell's name."""
+    import cellgen
 
-    (result,) = build([spec_path])
-    if str(GENERATED.parent) not in sys.path:
-        sys.path.insert(0, str(GENERATED.parent))
-    name = f"generated.{result.target.stem}"
-    module = importlib.reload(importlib.import_module(name)) if name in sys.modules else importlib.import_module(name)
+    module = cellgen.load(spec_path)
     extra = {s: num_units for s in module.SIZES}
     params = module.init_params(input_size, num_units, seed=seed, **extra)
     rng = np.random.default_rng(seed)
@@ -34,7 +30,7 @@ def run_spec(spec_path: str, batch: int, max_time: int, input_size: int, num_uni
     err = max(float(np.abs(out - ref).max(initial=0)),
               *(float(np.abs(a - b).max(initial=0)) for a, b in zip(state, ref_state, strict=True)))
     lines = [
-        f"{'wrote' if result.changed else 'unchanged'} {result.target.name} from {spec_path}",
+        f"loaded {module.NAME} from {spec_path}: {module.__file__}",
         f"dynamic_rnn(batch={batch}, time={max_time}, input_size={input_size}, num_units={num_units}, "
         f"ragged sequence_length) on cpu:",
         f"  outputs {out.shape} {out.dtype}; state " + ", ".join(f"{k} {v.shape}" for k, v in state._asdict().items()),
@@ -45,7 +41,7 @@ def run_spec(spec_path: str, batch: int, max_time: int, input_size: int, num_uni
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="build a spec and run its dynamic_rnn on random data")
+    p = sub.add_parser("run", help="build a spec (or load a shipped cell by name) and run dynamic_rnn on random data")
     p.add_argument("spec")
     p.add_argument("--shape", default="8,50,32,64", help="B,T,I,H (default 8,50,32,64)")
     p.set_defaults(fn=_cmd_run)
