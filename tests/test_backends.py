@@ -49,6 +49,10 @@ def _imports(path: Path, module: str, modules: set[str]) -> set[str]:
             for a in node.names:
                 sub = f"{node.module}.{a.name}"
                 found.add(sub if sub in modules else node.module)
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+              in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)):  # importlib.import_module("cellgen.tools.x")
+            found.add(node.args[0].value)
     return {m for m in found if m in modules and m != module}
 
 

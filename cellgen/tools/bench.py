@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cellgen import backends
+
 #: The issue's shapes: (B, T, I, H).
 SHAPES = {"S1": (64, 100, 256, 256), "S2": (16, 200, 512, 512), "S3": (1, 1000, 128, 128),
           "S4": (256, 50, 128, 128)}
@@ -181,11 +183,11 @@ def bench_one(spec_path: str, label: str, shape: tuple[int, int, int, int], args
     result = Result(module.NAME, label, shape)
 
     start = time.perf_counter()
-    expected, _ = module.dynamic_rnn(params, inputs)
+    expected, _ = module.dynamic_rnn(params, inputs, backend=args.backend)
     result.notes["first_call_s"] = time.perf_counter() - start
     sizes = {"input_size": input_size, "num_units": num_units, **extra}
     prods = products(plan, batch, max_time, sizes)
-    fns = {"cellgen": lambda: module.dynamic_rnn(params, inputs),
+    fns = {"cellgen": lambda: module.dynamic_rnn(params, inputs, backend=args.backend),
            "kernel floor": kernel_floor(prods), "BLAS floor": blas_floor(prods),
            "reference": lambda: module.dynamic_rnn(params, inputs, backend="reference")}
     result.times.update(timed_blocks(fns, args.repeat, args.warmup, {"reference": min(args.repeat, 3)}))
@@ -307,8 +309,8 @@ def _positive(text: str) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.backend == "cuda":
-        return _delegate_cuda(args)
+    if args.backend in DEVICE_BENCHES:
+        return _delegate_device(args)
     shapes = args.shape or list(SHAPES.items())
     if args.threads is None:
         import numba
@@ -356,16 +358,22 @@ def _env_text(env: dict[str, object], threads: int) -> str:
             f"BLAS: {blas}\nenv: {env['env'] or 'no thread/BLAS variables set'}")
 
 
-def _delegate_cuda(args: argparse.Namespace) -> int:
+#: Backends whose arrays live on a device, and the tool that times them (events on the device);
+#: every other registered backend is timed here, in the "cellgen" row.
+DEVICE_BENCHES = {"cuda": "cellgen.tools.bench_cuda"}
+
+
+def _delegate_device(args: argparse.Namespace) -> int:
+    tool = DEVICE_BENCHES[args.backend]
     try:
-        bench_cuda = importlib.import_module("cellgen.tools.bench_cuda")
+        bench_device = importlib.import_module(tool)
     except ImportError as err:
-        print(f"cellgen bench: --backend cuda needs cellgen.tools.bench_cuda and numba-cuda ({err})", file=sys.stderr)
+        print(f"cellgen bench: --backend {args.backend} needs {tool} and its extra ({err})", file=sys.stderr)
         return 2
     try:
-        return int(bench_cuda.main(args) or 0)
+        return int(bench_device.main(args) or 0)
     except Exception as err:  # no GPU, no driver, no simulator: say so, fail
-        print(f"cellgen bench: cuda backend unavailable: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"cellgen bench: {args.backend} backend unavailable: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
 
 
@@ -373,7 +381,8 @@ def register(subparsers) -> None:
     """Add ``cellgen bench`` to the CLI (cellgen.cli imports this module when it exists)."""
     b = subparsers.add_parser("bench", help="time dynamic_rnn against the GEMM floors, NumPy and torch")
     b.add_argument("specs", nargs="+", help="spec files")
-    b.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
+    b.add_argument("--backend", choices=backends.names(), default=backends.names()[0],
+                   help="the backend timed in the 'cellgen' row (a device backend has its own tool)")
     b.add_argument("--shape", action="append", type=_shape, metavar="B,T,I,H",
                    help="a shape (repeatable) or S1..S4; default: S1 S2 S3 S4")
     b.add_argument("--repeat", type=int, default=10, help="timed calls per implementation (default 10)")
