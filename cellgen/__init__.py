@@ -7,7 +7,7 @@ Pipeline: spec file --load--> CellSpec --analyse--> FusedPlan --passes--> FusedP
 generated module, built into a keyed cache folder when needed (:mod:`cellgen.loader`).
 """
 
-__version__ = "0.1.0"
+from cellgen.version import __version__
 
 from cellgen.loader import load  # noqa: E402
 from cellgen.runtime.stack import multi_rnn  # noqa: E402

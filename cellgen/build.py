@@ -15,7 +15,8 @@ from pathlib import Path
 
 import sympy
 
-from cellgen import __version__, backends, resources
+from cellgen import backends, resources
+from cellgen.version import __version__
 from cellgen.ir.analysis import analyse
 from cellgen.ir.passes import run_passes
 from cellgen.ir.plan import FusedPlan

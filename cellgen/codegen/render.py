@@ -15,7 +15,8 @@ from typing import Any
 import jinja2
 import sympy
 
-from cellgen import __version__, backends, resources
+from cellgen import backends, resources
+from cellgen.version import __version__
 from cellgen.frontend.dsl import INPUT_SIZE, NUM_UNITS
 from cellgen.ir.plan import (
     FusedPlan,

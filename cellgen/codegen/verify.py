@@ -18,7 +18,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import cellgen
 from cellgen.frontend.spec import SpecError
 
 #: The package the subprocess imports the modules from (inside a temporary folder).
@@ -90,7 +89,7 @@ def _import_all(modules: list[Module], out_dir: Path) -> dict[str, str | None]:
         _copy_folder(out_dir, package)
         for m in modules:
             (package / f"{m.name}.py").write_text(m.text, encoding="utf-8")
-        root = str(Path(cellgen.__file__).resolve().parent.parent)  # the cellgen that is building
+        root = str(Path(__file__).resolve().parents[2])  # the cellgen that is building
         names = json.dumps([m.name for m in modules])
         try:
             proc = subprocess.run([sys.executable, "-c", _IMPORT_SCRIPT, tmp, root, names, PACKAGE],

@@ -1,0 +1,3 @@
+"""The version of cellgen (part of every generated module's key)."""
+
+__version__ = "0.1.0"
