@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cellgen.backends.cpu import gemm, pool
+from cellgen.backends.cpu import gemm
+from cellgen.runtime import pool
 
 REPO = Path(__file__).resolve().parent.parent
 #: every module in generated/
@@ -152,7 +153,7 @@ def _child_runs_every_case(expected: dict[Case, Result]) -> Callable[[], dict]:
 def test_forked_child_computes_the_same_outputs_with_every_module(expected) -> None:
     report = _fork(_child_runs_every_case(expected))
     assert report["mismatched"] == []
-    if report["layer"] != "omp":  # a GNU OpenMP parent's child runs serially (cellgen.backends.cpu.pool)
+    if report["layer"] != "omp":  # a GNU OpenMP parent's child runs serially (cellgen.runtime.pool)
         assert report["regions"] >= len(CASES)  # the child ran the parallel paths too
 
 
@@ -225,7 +226,7 @@ def test_threads_calling_at_once_get_the_serial_results(expected) -> None:
 _LAYER_CHILD = """
 import os, signal, numpy as np
 import generated.basic_lstm as m
-from cellgen.backends.cpu import pool
+from cellgen.runtime import pool
 params = m.init_params(64, 128, seed=1)
 x = np.random.default_rng(0).standard_normal((8, 512, 64)).astype(np.float32)
 out, _ = m.dynamic_rnn(params, x)

@@ -1,10 +1,10 @@
 """Hand-written runtime the generated modules share: argument checks, the dynamic_rnn driver,
 reverse-by-length and parameter helpers. Nothing here depends on a particular cell.
 
-Importing it first picks the process's threading layer (:mod:`cellgen.backends.cpu.pool`), before
+Importing it first picks the process's threading layer (:mod:`cellgen.runtime.pool`), before
 any parallel kernel is compiled or launched."""
 
-from cellgen.backends.cpu import pool  # noqa: F401  (first: the threading layer, before any kernel)
+from cellgen.runtime import pool  # noqa: F401  (first: the threading layer, before any kernel)
 
 from cellgen.runtime.driver import (
     HOST,

@@ -26,7 +26,7 @@ from numba import cfunc, njit, prange, typeof, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from cellgen.backends.cpu import pool as _pool
+from cellgen.runtime import pool as _pool
 
 #: float lanes of one vector register of the host (AVX-512: 16, else 8).
 LANES32 = 16 if "avx512f" in llb.get_host_cpu_features().flatten() else 8
@@ -327,7 +327,7 @@ def compile_shared(dtype=np.float32) -> None:
 
 def get_num_threads() -> int:
     """Threads a kernel call may use: Numba's thread count, 1 in a forked child that may not
-    start a parallel region (:func:`cellgen.backends.cpu.pool.max_threads`)."""
+    start a parallel region (:func:`cellgen.runtime.pool.max_threads`)."""
     return _pool.max_threads()
 
 
