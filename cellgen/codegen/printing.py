@@ -91,7 +91,36 @@ def rational_tanh(x: sympy.Symbol) -> tuple[list[tuple[sympy.Symbol, sympy.Expr]
     return steps, sympy.Piecewise((1, x >= TANH_CLAMP), (-1, x <= -TANH_CLAMP), (r, True))
 
 
-class NumbaPrinter(PythonCodePrinter):
+class NamedPrinter:
+    """Prints a named temporary or subexpression by its name (``names``: expression -> name,
+    :mod:`cellgen.codegen.names`). The trees are not rewritten: every sum and product prints its
+    terms in the order it would unnamed, so the printed arithmetic is the same."""
+
+    names: dict[sympy.Expr, str] = {}
+
+    def _print(self, expr, **kwargs) -> str:
+        if self.names and isinstance(expr, sympy.Basic):
+            name = self.names.get(expr)
+            if name is not None:
+                return name
+        return super()._print(expr, **kwargs)
+
+    def parenthesize(self, item, level, strict=False) -> str:
+        if self.names and isinstance(item, sympy.Basic) and item in self.names:
+            return self.names[item]  # a name is one operand
+        return super().parenthesize(item, level, strict)
+
+    def define(self, expr: sympy.Expr) -> str:
+        """``expr`` printed as the right-hand side of its own name's assignment."""
+        name = self.names.pop(expr, None)
+        try:
+            return self.doprint(expr)
+        finally:
+            if name is not None:
+                self.names[expr] = name
+
+
+class NumbaPrinter(NamedPrinter, PythonCodePrinter):
     """Scalar kernel code for Numba (CPU ``@njit`` and ``@cuda.jit``).
 
     ``batched`` names the arrays indexed ``[row, col]``; ``row`` is the batch-row
@@ -169,7 +198,7 @@ class NumbaPrinter(PythonCodePrinter):
         """``expr`` printed as one operand: a name, an array read, a call or a non-negative number
         as it is, anything else in parentheses."""
         text = self._print(expr)
-        atomic = expr.is_Symbol or isinstance(expr, sympy.Indexed | sympy.Function) or (
+        atomic = expr in self.names or expr.is_Symbol or isinstance(expr, sympy.Indexed | sympy.Function) or (
             expr.is_Number and expr >= 0) or (isinstance(expr, sympy.Pow) and self._self_contained(expr.exp))
         return text if atomic else f"({text})"
 
@@ -258,7 +287,7 @@ def atomic_minmax(temps, values, make_symbol) -> tuple[list[tuple[sympy.Symbol, 
     return out, [visit(sympy.sympify(v)) for v in values]
 
 
-class NumPyVectorPrinter(NumPyPrinter):
+class NumPyVectorPrinter(NamedPrinter, NumPyPrinter):
     """Whole-batch NumPy expressions for the reference backend; spec names get ``v_``."""
 
     def __init__(self) -> None:

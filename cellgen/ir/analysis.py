@@ -281,4 +281,5 @@ def analyse(spec: CellSpec) -> FusedPlan:
         delay_states=a.delays, batched_arrays=batched, unit_params=unit_params,
         epilogue_biases=epilogue_biases, uses_x=X in arrays, uses_x_prev=X_PREV in arrays,
         output_size=spec.size_of(spec.output), param_arrays=a.param_arrays,
+        gate_loads=tuple((str(g), loads[g]) for lin in a.live for g in lin.gates),
     )

@@ -213,6 +213,9 @@ class FusedPlan:
     output_size: sympy.Expr
     param_arrays: dict[str, str]  # every per-unit parameter's and bias's kernel array (param_arrays)
     double_buffered: tuple[str, ...] = ()  # states whose old value is read after the new one is stored
+    #: each live gate (spec order) -> the array reads that give its value at unit ``UNIT`` (``analysis.loads``):
+    #: how the printers name a temporary after the gates it computes
+    gate_loads: tuple[tuple[str, sympy.Expr], ...] = ()
 
     @property
     def scan_only(self) -> bool:
