@@ -37,10 +37,10 @@ def test_literals_are_typed_in_the_kernel_dtype(expr, want32: str, want64: str) 
 
 
 def test_sigmoid_is_printed_without_exp() -> None:
-    assert f32(sigmoid(x)) == "(np.float32(0.5) * math.tanh(np.float32(0.5) * (x)) + np.float32(0.5))"
+    assert f32(sigmoid(x)) == "(np.float32(0.5) * math.tanh(np.float32(0.5) * x) + np.float32(0.5))"
     assert f64(sigmoid(x + y)) == "(0.5 * math.tanh(0.5 * (x + y)) + 0.5)"
     assert NumbaPrinter("float32", fast_tanh="_tanh").doprint(sigmoid(x)) == \
-        "(np.float32(0.5) * _tanh(np.float32(0.5) * (x)) + np.float32(0.5))"
+        "(np.float32(0.5) * _tanh(np.float32(0.5) * x) + np.float32(0.5))"
     assert "exp" not in f64(sigmoid(-1000 * x))
 
 
@@ -132,7 +132,8 @@ def test_index_printer() -> None:
 
 def test_numpy_vector_printer() -> None:
     p = NumPyVectorPrinter()
-    assert p.doprint(sigmoid(x)) == "(0.5 * np.tanh(0.5 * (v_x)) + 0.5)"
+    assert p.doprint(sigmoid(x)) == "(0.5 * np.tanh(0.5 * v_x) + 0.5)"
+    assert p.doprint(sigmoid(x + y)) == "(0.5 * np.tanh(0.5 * (v_x + v_y)) + 0.5)"
     assert p.doprint(sympy.tanh(x) * y) == "v_y*np.tanh(v_x)"
     assert p.doprint(sympy.Min(sympy.Max(x, -c), c)) == "np.minimum(v_c, np.maximum(v_x, -v_c))"
     assert p.doprint(sympy.oo) == "np.inf"

@@ -95,8 +95,8 @@ def plan_programs(plan: FusedPlan, loops: list[Loop] | None = None) -> dict[Loop
     namer = Namer()
     programs = {}
     for loop in loops:
-        made = (sympy.Symbol(f"_mx{k}", real=True) for k in range(1_000_000))
-        temps, values = atomic_minmax(loop.temps, [s.value for s in loop.stores], lambda: next(made))
+        made = (sympy.Symbol(f"_mx{k}", real=True) for k in range(1_000_000))  # as unnamed printing had them
+        temps, values = atomic_minmax(loop.temps, [s.value for s in loop.stores], made.__next__)
         minmax = {s for s, _ in temps} - {s for s, _ in loop.temps}
         describer = Describer(atom_word, order, {}, dict(t for t in temps if t[0] in minmax))
         programs[loop] = name_loop(temps, values, [s.target for s in loop.stores], minmax, describer,

@@ -234,7 +234,7 @@ class NumbaPrinter(NamedPrinter, PythonCodePrinter):
     def _print_sigmoid(self, expr: sigmoid) -> str:
         # 1/(1+exp(-x)) == 0.5*tanh(x/2) + 0.5: no exp, so no overflow for any x.
         half = self._literal(0.5)
-        return f"({half} * {self._tanh(f'{half} * ({self._print(expr.args[0])})')} + {half})"
+        return f"({half} * {self._tanh(f'{half} * {self._operand(expr.args[0])}')} + {half})"
 
     def _print_exp(self, expr: sympy.exp) -> str:
         return f"math.exp({self._print(expr.args[0])})"
@@ -300,7 +300,11 @@ class NumPyVectorPrinter(NamedPrinter, NumPyPrinter):
         return fqn.replace("numpy.", "np.")
 
     def _print_sigmoid(self, expr: sigmoid) -> str:
-        return f"(0.5 * np.tanh(0.5 * ({self._print(expr.args[0])})) + 0.5)"
+        arg = expr.args[0]
+        text = self._print(arg)
+        if not (arg.is_Symbol or arg in self.names or isinstance(arg, sympy.Function)):
+            text = f"({text})"
+        return f"(0.5 * np.tanh(0.5 * {text}) + 0.5)"
 
     def _print_Max(self, expr: sympy.Max) -> str:
         text = self._print(expr.args[-1])
