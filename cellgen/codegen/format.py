@@ -26,8 +26,7 @@ RUFF_PIN = "ruff==0.17.6"
 #: The longest line of a generated module (the repository's own limit, pyproject.toml).
 LINE_LENGTH = 120
 #: Ruff's command line: isolated from any project configuration, no cache written anywhere.
-ARGS = ("format", "--isolated", "--no-cache", f"--line-length={LINE_LENGTH}", "--target-version=py310",
-        "--quiet")
+ARGS = ("format", "--isolated", "--no-cache", f"--line-length={LINE_LENGTH}", "--target-version=py310")
 
 
 class FormatterError(RuntimeError):

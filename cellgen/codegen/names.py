@@ -9,11 +9,13 @@ A temporary is named after what it computes, in the spec's words:
 * the argument of a NaN-propagating max/min (:func:`cellgen.codegen.printing.atomic_minmax`)
   after the value it feeds: ``new_c_max`` (a Max), ``new_c_min`` (a Min), ``new_c_arg``.
 
-Names are made unique with ``_2``, ``_3``... against every name of the templates (so a
-temporary can never shadow a kernel's own variable, ``b``, ``j``, ``out``, ``pre_t``, whatever
-the templates add) and every other temporary of the plan. No spec name can collide with one:
-spec names live under ``s_``, ``sn_``, ``p_``, ``hy_``, ``n_`` (:mod:`cellgen.ir.plan`), which
-no temporary starts with.
+Every temporary's name is in one of these families (:data:`FAMILIES`), and made unique with
+``_2``, ``_3``... against every other temporary of the plan and every identifier the templates'
+code holds (``b``, ``j``, ``t``, ``out``, ``lengths``, ``np``, whatever a template adds). The names
+the contexts make (``pre_t``, ``x_prev``, ``rec0``, ``opnd1``, ``_acc0``, ``ring``...) are in no
+family, and spec names live under ``s_``, ``sn_``, ``p_``, ``hy_``, ``n_`` (:mod:`cellgen.ir.plan`),
+which no family starts with: a temporary never shadows another name of the generated code
+(``tests/test_lint.py`` checks the generated modules).
 
 Naming never changes an expression: the printers keep the SymPy trees (and the generator's
 internal symbols ``t0``, ``_mx0``, whose names decide the order SymPy prints the terms of a
@@ -43,6 +45,8 @@ FUNCTION_PREFIXES: dict[type, str] = {
 ACTIVATIONS = (sigmoid, sympy.tanh, sympy.exp, sympy.log, sympy.Abs)
 #: At most this many gate names in one temporary's name.
 MAX_WORDS = 3
+#: Every temporary's name matches this.
+FAMILIES = re.compile(r"(g|sig|tanh|exp|log|abs|max|min|new)_\w+|(output|operand\d+|tmp)(_(max|min|arg|\d+))*")
 
 
 @functools.cache

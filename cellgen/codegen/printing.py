@@ -179,9 +179,9 @@ class NumbaPrinter(NamedPrinter, PythonCodePrinter):
         assume: ``w/(1 + s**2)**2`` must not print as ``w/(s*s + 1)*(s*s + 1)``."""
         base, exp = expr.base, expr.exp
         if exp == sympy.Rational(1, 2):
-            return f"math.sqrt({self._print(base)})"
+            return f"math.sqrt({self._argument(base)})"
         if exp == sympy.Rational(-1, 2):
-            return f"({self._literal(1.0)} / math.sqrt({self._print(base)}))"
+            return f"({self._literal(1.0)} / math.sqrt({self._argument(base)}))"
         factor = self._operand(base)
         if exp == -1:
             return f"({self._literal(1.0)} / {factor})"
@@ -202,6 +202,11 @@ class NumbaPrinter(NamedPrinter, PythonCodePrinter):
             expr.is_Number and expr >= 0) or (isinstance(expr, sympy.Pow) and self._self_contained(expr.exp))
         return text if atomic else f"({text})"
 
+    def _argument(self, expr: sympy.Expr) -> str:
+        """``expr`` printed as a call's argument: without the parentheses a conditional or a
+        sigmoid carries around itself (``math.tanh(a if a > b ... else b)``)."""
+        return _unwrap(self._print(expr))
+
     def _print_Max(self, expr: sympy.Max) -> str:
         return self._nest(">", expr.args)
 
@@ -217,19 +222,21 @@ class NumbaPrinter(NamedPrinter, PythonCodePrinter):
         text = self._print(args[-1])
         for arg in reversed(args[:-1]):
             a = self._print(arg)
-            nan = "" if arg.is_Number and arg.is_finite else f" or {a} != {a}"  # a constant is never NaN
-            text = f"({a} if {a} {op} {text}{nan} else {text})"
+            if arg.is_Number:  # never NaN; ``x < 0.0`` is ``0.0 > x`` for every float, NaN too
+                text = f"({a} if {text} {FLIPPED[op]} {a} else {text})"
+            else:
+                text = f"({a} if {a} {op} {text} or {a} != {a} else {text})"
         return text
 
     def _print_Abs(self, expr: sympy.Abs) -> str:
-        return f"abs({self._print(expr.args[0])})"
+        return f"abs({self._argument(expr.args[0])})"
 
     # -- functions ---------------------------------------------------------------------
     def _tanh(self, arg: str) -> str:
         return f"{self.fast_tanh}({arg})" if self.fast_tanh else f"math.tanh({arg})"
 
     def _print_tanh(self, expr: sympy.tanh) -> str:
-        return self._tanh(self._print(expr.args[0]))
+        return self._tanh(self._argument(expr.args[0]))
 
     def _print_sigmoid(self, expr: sigmoid) -> str:
         # 1/(1+exp(-x)) == 0.5*tanh(x/2) + 0.5: no exp, so no overflow for any x.
@@ -237,13 +244,31 @@ class NumbaPrinter(NamedPrinter, PythonCodePrinter):
         return f"({half} * {self._tanh(f'{half} * {self._operand(expr.args[0])}')} + {half})"
 
     def _print_exp(self, expr: sympy.exp) -> str:
-        return f"math.exp({self._print(expr.args[0])})"
+        return f"math.exp({self._argument(expr.args[0])})"
 
     def _print_log(self, expr: sympy.log) -> str:
-        return f"math.log({self._print(expr.args[0])})"
+        return f"math.log({self._argument(expr.args[0])})"
 
     def _print_Symbol(self, expr: sympy.Symbol) -> str:
         return expr.name
+
+
+#: A comparison with its operands swapped.
+FLIPPED = {">": "<", "<": ">"}
+
+
+def _unwrap(text: str) -> str:
+    """``text`` without one pair of parentheses around all of it (``(a + b)`` -> ``a + b``, but
+    ``(a)*(b)`` stays)."""
+    if not (text.startswith("(") and text.endswith(")")):
+        return text
+    depth = 0
+    for k, ch in enumerate(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0:
+            return text[1:-1] if k == len(text) - 1 else text
+    return text
 
 
 def _simple(expr: sympy.Expr) -> bool:
@@ -299,12 +324,24 @@ class NumPyVectorPrinter(NamedPrinter, NumPyPrinter):
     def _module_format(self, fqn: str, register: bool = True) -> str:
         return fqn.replace("numpy.", "np.")
 
+    def _print_call(self, expr) -> str:
+        """``np.tanh(x)``...: each argument without the parentheses it may carry around itself."""
+        known = self.known_functions[expr.__class__.__name__]
+        return f"{self._module_format(known)}({', '.join(_unwrap(self._print(a)) for a in expr.args)})"
+
+    _print_tanh = _print_exp = _print_log = _print_call
+
     def _print_sigmoid(self, expr: sigmoid) -> str:
         arg = expr.args[0]
         text = self._print(arg)
         if not (arg.is_Symbol or arg in self.names or isinstance(arg, sympy.Function)):
             text = f"({text})"
         return f"(0.5 * np.tanh(0.5 * {text}) + 0.5)"
+
+    def _argument(self, expr: sympy.Expr) -> str:
+        """``expr`` printed as a call's argument: without the parentheses a conditional or a
+        sigmoid carries around itself (``math.tanh(a if a > b ... else b)``)."""
+        return _unwrap(self._print(expr))
 
     def _print_Max(self, expr: sympy.Max) -> str:
         text = self._print(expr.args[-1])

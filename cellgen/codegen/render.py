@@ -210,9 +210,13 @@ def _pack_sizes(plan: FusedPlan) -> set[str]:
     for g in (plan.hoisted, *plan.gemms):
         if g is None:
             continue
-        exprs += [g.rows, g.width] + [e for b in g.blocks for e in (b.row_start, b.rows, b.dest_row, b.dest_col,
-                                                                    b.width)]
-        exprs += [e for b in getattr(g, "biases", ()) for e in (b.dest_col, b.width)]
+        if _whole_block(g.blocks, g.rows, g.width):  # a view: the rows of the parameter
+            exprs += [g.blocks[0].row_start, g.blocks[0].rows]
+        else:
+            exprs += [g.rows, g.width] + [e for b in g.blocks for e in (b.row_start, b.rows, b.dest_row, b.dest_col,
+                                                                        b.width)]
+    if plan.hoisted is not None:
+        exprs += [plan.hoisted.width] + [e for b in plan.hoisted.biases for e in (b.dest_col, b.width)]
     return _used_sizes(exprs)
 
 

@@ -24,7 +24,7 @@ from cellgen.ir.plan import FusedPlan
 def context(plan: FusedPlan) -> dict[str, Any]:
     """Everything ``templates/reference/kernels.py.j2`` needs: the unfused spec printed for NumPy."""
     spec, p = plan.spec, NumPyVectorPrinter()
-    order = linear_order(spec)
+    order = _live(spec, linear_order(spec))
     gates = {g: str(g) for lin in spec.linears for g in lin.gates}
     words = {v.symbol: v.name for v in (spec.input, *spec.states, *spec.params)}
     words |= {h.symbol: h.name for h in spec.hypers}
@@ -70,13 +70,27 @@ def context(plan: FusedPlan) -> dict[str, Any]:
                         "operands": [p.doprint(o) for o in lin.operands], "kernel": lin.kernel, "bias": lin.bias,
                         "gates": [str(g) for g in lin.gates]})
     final = assignments([*updates, spec.output])
+    used = set().union(*(e.free_symbols for e in every))
     return {
         "linears": linears,
         "assignments": final,
         "updates": [p.doprint(expr) for expr in updates],
         "output": p.doprint(spec.output),
-        "unit_params": [v.name for v in spec.params],
+        "hypers": [h.name for h in spec.hypers if h.symbol in used],
+        "unit_params": [v.name for v in spec.params if v.symbol in used],
     }
+
+
+def _live(spec, order: list) -> list:
+    """The linears (in ``order``) whose gates the updates and the output read, directly or through
+    other live linears: a linear nothing reads computes nothing observable."""
+    needed = set().union(*(e.free_symbols for _, e, _ in spec.updates), spec.output.free_symbols)
+    live = []
+    for lin in reversed(order):  # a linear's readers come after it
+        if needed & set(lin.gates):
+            live.append(lin)
+            needed |= set().union(*(o.free_symbols for o in lin.operands))
+    return live[::-1]
 
 
 def _nameable(expr: sympy.Expr) -> bool:
