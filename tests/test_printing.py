@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sympy
 
@@ -100,8 +101,18 @@ def test_max_min_nest() -> None:
     # TF's clip: Min(Max(v, -clip), clip)
     assert f64(sympy.Min(sympy.Max(x, -c), c)) == \
         "(c if c < (x if x > -c or x != x else -c) or c != c else (x if x > -c or x != x else -c))"
-    # a finite constant needs no NaN test
-    assert f32(sympy.Max(x, 0)) == "(np.float32(0.0) if np.float32(0.0) > x else x)"
+    # a constant needs no NaN test, and is compared on the right (``x < 0.0`` is ``0.0 > x``, NaN too)
+    assert f32(sympy.Max(x, 0)) == "(np.float32(0.0) if x < np.float32(0.0) else x)"
+    assert f64(sympy.Min(x, 2)) == "(2.0 if x > 2.0 else x)"
+
+
+def test_a_constant_compared_on_the_right_selects_the_same() -> None:
+    from numba import njit
+
+    left = njit(lambda v: 0.0 if 0.0 > v else v)
+    right = njit(eval(f"lambda x: {f64(sympy.Max(x, 0))}"))  # noqa: S307 - printed by our printer
+    for v in (float("nan"), -0.0, 0.0, -1.0, 2.0, float("inf"), -float("inf")):
+        assert np.array(left(v)).tobytes() == np.array(right(v)).tobytes(), v
 
 
 @pytest.mark.parametrize("fn", [sympy.Max, sympy.Min])
