@@ -109,7 +109,7 @@ def test_max_min_nest() -> None:
 def test_a_constant_compared_on_the_right_selects_the_same() -> None:
     from numba import njit
 
-    left = njit(lambda v: 0.0 if 0.0 > v else v)
+    left = njit(lambda v: 0.0 if 0.0 > v else v)  # noqa: SIM300 - the form printed before
     right = njit(eval(f"lambda x: {f64(sympy.Max(x, 0))}"))  # noqa: S307 - printed by our printer
     for v in (float("nan"), -0.0, 0.0, -1.0, 2.0, float("inf"), -float("inf")):
         assert np.array(left(v)).tobytes() == np.array(right(v)).tobytes(), v

@@ -259,7 +259,7 @@ def context(plan: FusedPlan, spec_path: str, key: str) -> dict[str, Any]:
     params = _params(plan)
     return {
         "version": __version__, "spec_path": spec_path, "key": key, "name": spec.name,
-        "summary": _docstring_text((spec.doc.strip().splitlines() or [spec.name])[0]),
+        "summary": _docstring_text((spec.doc.strip().splitlines() or [spec.name])[0].rstrip()),
         "states": [{"name": s.name, "size": print_index(s.size), "delay": s.name in plan.delay_states,
                     "recurrent": s.name not in plan.delay_states}
                    for s in spec.states],
