@@ -20,6 +20,7 @@ from cellgen.version import __version__
 from cellgen.ir.analysis import analyse
 from cellgen.ir.passes import run_passes
 from cellgen.ir.plan import FusedPlan
+from cellgen.codegen.format import format_module, format_modules, formatter_version
 from cellgen.codegen.render import render_module, templates_digest
 from cellgen.frontend.spec import DEFAULT_TIMEOUT, CellSpec, SpecError, load_spec
 from cellgen.codegen.verify import Module, verify
@@ -74,6 +75,7 @@ def spec_key(spec: CellSpec) -> str:
     h = hashlib.sha256()
     h.update(__version__.encode())
     h.update(templates_digest().encode())
+    h.update(formatter_version().encode())
     for label, source in compiler_sources().items():
         h.update(label.encode())
         h.update(source.read_bytes())
@@ -94,10 +96,11 @@ def display_path(path: Path) -> str:
 def generate(path: str | Path, timeout: float | None = DEFAULT_TIMEOUT) -> tuple[str, str]:
     """(module name, module text) for one spec file."""
     spec, text = _generate(Path(path), timeout)
-    return spec.name, text
+    return spec.name, format_module(text)
 
 
 def _generate(path: Path, timeout: float | None) -> tuple[CellSpec, str]:
+    """The module text as rendered (before formatting)."""
     spec, plan = compile_spec(path, timeout)
     shown = display_path(path)
     if not shown.isprintable():  # it is printed in the module's header comment
@@ -127,7 +130,8 @@ def generate_all(paths: list[str | Path], out_dir: Path, timeout: float | None =
         owners[key] = (path, spec.name)
         modules.append(Module(path, spec.name, text))
     _check_targets(modules, out_dir, files)
-    return modules
+    texts = format_modules([m.text for m in modules])  # one formatter process for all
+    return [Module(m.spec_path, m.name, text) for m, text in zip(modules, texts, strict=True)]
 
 
 def _check_targets(modules: list[Module], out_dir: Path, specs: list[Path]) -> None:

@@ -64,6 +64,7 @@ GENERATOR_NAMES = (
     "thread", "serial", "packed", "recurrent", "w_hoisted", "b_hoisted", "b_zero", "finals", "inputs",
     "NAME", "KEY", "STATE", "HYPER", "SIZES", "cell", "h", "c", "x", "i", "f", "o", "g", "k", "self",
     "value", "result", "acc", "_acc0", "w", "bias_init", "ring", "first", "units",
+    "new_c", "new_h", "new_c_max", "sig_f", "tanh_j", "g_i", "output", "operand1", "tmp",  # temporaries
 )
 #: Keywords are legal hyperparameter names (passed as ``**{"lambda": 0.5}``).
 KEYWORD_HYPERS = ("lambda", "class", "in", "is", "def", "None", "yield")

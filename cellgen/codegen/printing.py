@@ -91,7 +91,36 @@ def rational_tanh(x: sympy.Symbol) -> tuple[list[tuple[sympy.Symbol, sympy.Expr]
     return steps, sympy.Piecewise((1, x >= TANH_CLAMP), (-1, x <= -TANH_CLAMP), (r, True))
 
 
-class NumbaPrinter(PythonCodePrinter):
+class NamedPrinter:
+    """Prints a named temporary or subexpression by its name (``names``: expression -> name,
+    :mod:`cellgen.codegen.names`). The trees are not rewritten: every sum and product prints its
+    terms in the order it would unnamed, so the printed arithmetic is the same."""
+
+    names: dict[sympy.Expr, str] = {}
+
+    def _print(self, expr, **kwargs) -> str:
+        if self.names and isinstance(expr, sympy.Basic):
+            name = self.names.get(expr)
+            if name is not None:
+                return name
+        return super()._print(expr, **kwargs)
+
+    def parenthesize(self, item, level, strict=False) -> str:
+        if self.names and isinstance(item, sympy.Basic) and item in self.names:
+            return self.names[item]  # a name is one operand
+        return super().parenthesize(item, level, strict)
+
+    def define(self, expr: sympy.Expr) -> str:
+        """``expr`` printed as the right-hand side of its own name's assignment."""
+        name = self.names.pop(expr, None)
+        try:
+            return self.doprint(expr)
+        finally:
+            if name is not None:
+                self.names[expr] = name
+
+
+class NumbaPrinter(NamedPrinter, PythonCodePrinter):
     """Scalar kernel code for Numba (CPU ``@njit`` and ``@cuda.jit``).
 
     ``batched`` names the arrays indexed ``[row, col]``; ``row`` is the batch-row
@@ -150,9 +179,9 @@ class NumbaPrinter(PythonCodePrinter):
         assume: ``w/(1 + s**2)**2`` must not print as ``w/(s*s + 1)*(s*s + 1)``."""
         base, exp = expr.base, expr.exp
         if exp == sympy.Rational(1, 2):
-            return f"math.sqrt({self._print(base)})"
+            return f"math.sqrt({self._argument(base)})"
         if exp == sympy.Rational(-1, 2):
-            return f"({self._literal(1.0)} / math.sqrt({self._print(base)}))"
+            return f"({self._literal(1.0)} / math.sqrt({self._argument(base)}))"
         factor = self._operand(base)
         if exp == -1:
             return f"({self._literal(1.0)} / {factor})"
@@ -169,9 +198,14 @@ class NumbaPrinter(PythonCodePrinter):
         """``expr`` printed as one operand: a name, an array read, a call or a non-negative number
         as it is, anything else in parentheses."""
         text = self._print(expr)
-        atomic = expr.is_Symbol or isinstance(expr, sympy.Indexed | sympy.Function) or (
+        atomic = expr in self.names or expr.is_Symbol or isinstance(expr, sympy.Indexed | sympy.Function) or (
             expr.is_Number and expr >= 0) or (isinstance(expr, sympy.Pow) and self._self_contained(expr.exp))
         return text if atomic else f"({text})"
+
+    def _argument(self, expr: sympy.Expr) -> str:
+        """``expr`` printed as a call's argument: without the parentheses a conditional or a
+        sigmoid carries around itself (``math.tanh(a if a > b ... else b)``)."""
+        return _unwrap(self._print(expr))
 
     def _print_Max(self, expr: sympy.Max) -> str:
         return self._nest(">", expr.args)
@@ -188,33 +222,53 @@ class NumbaPrinter(PythonCodePrinter):
         text = self._print(args[-1])
         for arg in reversed(args[:-1]):
             a = self._print(arg)
-            nan = "" if arg.is_Number and arg.is_finite else f" or {a} != {a}"  # a constant is never NaN
-            text = f"({a} if {a} {op} {text}{nan} else {text})"
+            if arg.is_Number:  # never NaN; ``x < 0.0`` is ``0.0 > x`` for every float, NaN too
+                text = f"({a} if {text} {FLIPPED[op]} {a} else {text})"
+            else:
+                text = f"({a} if {a} {op} {text} or {a} != {a} else {text})"
         return text
 
     def _print_Abs(self, expr: sympy.Abs) -> str:
-        return f"abs({self._print(expr.args[0])})"
+        return f"abs({self._argument(expr.args[0])})"
 
     # -- functions ---------------------------------------------------------------------
     def _tanh(self, arg: str) -> str:
         return f"{self.fast_tanh}({arg})" if self.fast_tanh else f"math.tanh({arg})"
 
     def _print_tanh(self, expr: sympy.tanh) -> str:
-        return self._tanh(self._print(expr.args[0]))
+        return self._tanh(self._argument(expr.args[0]))
 
     def _print_sigmoid(self, expr: sigmoid) -> str:
         # 1/(1+exp(-x)) == 0.5*tanh(x/2) + 0.5: no exp, so no overflow for any x.
         half = self._literal(0.5)
-        return f"({half} * {self._tanh(f'{half} * ({self._print(expr.args[0])})')} + {half})"
+        return f"({half} * {self._tanh(f'{half} * {self._operand(expr.args[0])}')} + {half})"
 
     def _print_exp(self, expr: sympy.exp) -> str:
-        return f"math.exp({self._print(expr.args[0])})"
+        return f"math.exp({self._argument(expr.args[0])})"
 
     def _print_log(self, expr: sympy.log) -> str:
-        return f"math.log({self._print(expr.args[0])})"
+        return f"math.log({self._argument(expr.args[0])})"
 
     def _print_Symbol(self, expr: sympy.Symbol) -> str:
         return expr.name
+
+
+#: A comparison with its operands swapped.
+FLIPPED = {">": "<", "<": ">"}
+
+
+def _unwrap(text: str) -> str:
+    """``text`` without one pair of parentheses around all of it (``(a + b)`` -> ``a + b``, but
+    ``(a)*(b)`` stays)."""
+    if not (text.startswith("(") and text.endswith(")")):
+        return text
+    depth = 0
+    for k, ch in enumerate(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0:
+            return text[1:-1] if k == len(text) - 1 else text
+    return text
 
 
 def _simple(expr: sympy.Expr) -> bool:
@@ -258,7 +312,7 @@ def atomic_minmax(temps, values, make_symbol) -> tuple[list[tuple[sympy.Symbol, 
     return out, [visit(sympy.sympify(v)) for v in values]
 
 
-class NumPyVectorPrinter(NumPyPrinter):
+class NumPyVectorPrinter(NamedPrinter, NumPyPrinter):
     """Whole-batch NumPy expressions for the reference backend; spec names get ``v_``."""
 
     def __init__(self) -> None:
@@ -270,8 +324,24 @@ class NumPyVectorPrinter(NumPyPrinter):
     def _module_format(self, fqn: str, register: bool = True) -> str:
         return fqn.replace("numpy.", "np.")
 
+    def _print_call(self, expr) -> str:
+        """``np.tanh(x)``...: each argument without the parentheses it may carry around itself."""
+        known = self.known_functions[expr.__class__.__name__]
+        return f"{self._module_format(known)}({', '.join(_unwrap(self._print(a)) for a in expr.args)})"
+
+    _print_tanh = _print_exp = _print_log = _print_call
+
     def _print_sigmoid(self, expr: sigmoid) -> str:
-        return f"(0.5 * np.tanh(0.5 * ({self._print(expr.args[0])})) + 0.5)"
+        arg = expr.args[0]
+        text = self._print(arg)
+        if not (arg.is_Symbol or arg in self.names or isinstance(arg, sympy.Function)):
+            text = f"({text})"
+        return f"(0.5 * np.tanh(0.5 * {text}) + 0.5)"
+
+    def _argument(self, expr: sympy.Expr) -> str:
+        """``expr`` printed as a call's argument: without the parentheses a conditional or a
+        sigmoid carries around itself (``math.tanh(a if a > b ... else b)``)."""
+        return _unwrap(self._print(expr))
 
     def _print_Max(self, expr: sympy.Max) -> str:
         text = self._print(expr.args[-1])

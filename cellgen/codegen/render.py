@@ -38,13 +38,21 @@ def template_folders() -> list[Path]:
 
 
 def environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader([str(f) for f in template_folders()]),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=False,
         lstrip_blocks=False,
     )
+    env.filters["pytuple"] = py_tuple
+    return env
+
+
+def py_tuple(items) -> str:
+    """Printed items as a Python tuple: ``()``, ``("h",)``, ``("c", "h")`` (the ``pytuple`` filter)."""
+    items = [str(i) for i in items]
+    return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
 
 
 def templates_digest() -> str:
@@ -57,15 +65,28 @@ def templates_digest() -> str:
     return h.hexdigest()
 
 
-def _take_sizes(names: list[str], given: tuple[str, ...] = ()) -> str:
-    """Bind the kernel variables of a function's sizes, one line: the ``given`` positional ones
-    (``n_num_units = num_units``) and the keyword ones, checked
-    (``n_num_proj, = _rt.take_sizes(sizes, ("num_proj",), SIZES)``)."""
-    lines = [f"{size_name(n)} = {n}" for n in given]
-    taken = "".join(repr(n) + ", " for n in names)
-    call = f"_rt.take_sizes(sizes, ({taken}), SIZES)"
-    lines.append(f"{''.join(size_name(n) + ', ' for n in names)}= {call}" if names else call)
-    return "; ".join(lines)
+
+
+
+
+def _take_sizes(names: list[str], given: tuple[str, ...], used: set[str]) -> list[str]:
+    """The lines binding the kernel variables of a function's sizes that ``used`` holds: the ``given``
+    positional ones (``n_num_units = num_units``) and the keyword ``names``, always checked
+    (``n_num_proj = _rt.take_sizes(sizes, ("num_proj",), SIZES)[0]``; ``_`` for one not used)."""
+    lines = [f"{size_name(n)} = {n}" for n in given if n in used]
+    call = f"_rt.take_sizes(sizes, {py_tuple(repr(n) for n in names)}, SIZES)"
+    if len(names) == 1 and names[0] in used:
+        lines.append(f"{size_name(names[0])} = {call}[0]")
+    elif any(n in used for n in names):
+        lines.append(f"{', '.join(size_name(n) if n in used else '_' for n in names)} = {call}")
+    else:
+        lines.append(call)
+    return lines
+
+
+def _used_sizes(exprs) -> set[str]:
+    """The spec names of the sizes ``exprs`` use."""
+    return {str(s) for e in exprs for s in sympy.sympify(e).free_symbols}
 
 
 def _needed(exprs, spec) -> list[str]:
@@ -73,9 +94,22 @@ def _needed(exprs, spec) -> list[str]:
     return [str(s) for s in (INPUT_SIZE, *spec.sizes) if s in symbols]
 
 
-def _sizes_from_dict(spec) -> str:
-    """``n_input_size = sizes['input_size']; ...``: every size's kernel variable from a call's sizes."""
-    return "; ".join(f"{size_name(n)} = sizes[{n!r}]" for n in map(str, spec.all_sizes))
+def _sizes_from_dict(plan: FusedPlan) -> str:
+    """``n_num_units = sizes['num_units']; ...``: the kernel variable, from a call's sizes, of every size
+    the plan's kernels use (loops, GEMMs, operand buffers, recurrent states, the output): a backend's driver."""
+    exprs: list[Any] = [plan.output_size, *(plan.spec.state(n).size for n in plan.recurrent_states)]
+    for e in plan.epilogues:
+        for loop in e.loops:
+            exprs += [loop.domain, *(x for _, x in loop.temps)]
+            exprs += [x for st in loop.stores for x in (st.target, st.value, st.masked) if x is not None]
+    exprs += [x for g in plan.gemms for x in (g.rows, g.width, *(o.size for o in g.operands))]
+    return "; ".join(_size_lines(plan.spec, _used_sizes(exprs)))
+
+
+def _size_lines(spec, used: set[str] | None = None) -> list[str]:
+    """``n_input_size = sizes["input_size"]``...: the kernel variable of every size (of those ``used``
+    holds) from a call's sizes, a line each."""
+    return [f"{size_name(n)} = sizes[{n!r}]" for n in map(str, spec.all_sizes) if used is None or n in used]
 
 
 def _params(plan: FusedPlan) -> list[dict[str, Any]]:
@@ -135,7 +169,9 @@ def _size_rules(plan: FusedPlan) -> list[dict[str, Any]]:
 def _int_expr(expr: sympy.Expr, names: dict[sympy.Symbol, str]) -> str:
     num, den = sympy.fraction(sympy.together(expr))
     text = print_index(num, names)
-    return text if den == 1 else f"({text}) // {print_index(den, names)}"
+    if den == 1:
+        return text
+    return f"{text if num.is_Atom else f'({text})'} // {print_index(den, names)}"
 
 
 def _param_dims(plan: FusedPlan):
@@ -164,10 +200,32 @@ def _state_names(spec) -> tuple[str, ...]:
     return tuple(s.name for s in spec.states)
 
 
+def _slice(start: sympy.Expr, size: sympy.Expr) -> str:
+    """``start:start + size`` as a slice, its end one simplified index (``:n_input_size``,
+    ``n_input_size:n_input_size + n_num_proj``, ``4*n_num_units:8*n_num_units``)."""
+    start = sympy.sympify(start)
+    return f"{'' if start == 0 else print_index(start)}:{print_index(start + size)}"
+
+
 def _blocks(blocks) -> list[dict[str, str]]:
-    return [{"kernel": b.kernel, "row_start": print_index(b.row_start), "rows": print_index(b.rows),
-             "dest_row": print_index(b.dest_row), "dest_col": print_index(b.dest_col),
-             "width": print_index(b.width)} for b in blocks]
+    return [{"kernel": b.kernel, "rows": _slice(b.row_start, b.rows), "dest": f"{_slice(b.dest_row, b.rows)}, "
+             f"{_slice(b.dest_col, b.width)}"} for b in blocks]
+
+
+def _pack_sizes(plan: FusedPlan) -> set[str]:
+    """The sizes ``_pack`` uses: the fused weights' shapes and blocks."""
+    exprs = []
+    for g in (plan.hoisted, *plan.gemms):
+        if g is None:
+            continue
+        if _whole_block(g.blocks, g.rows, g.width):  # a view: the rows of the parameter
+            exprs += [g.blocks[0].row_start, g.blocks[0].rows]
+        else:
+            exprs += [g.rows, g.width] + [e for b in g.blocks for e in (b.row_start, b.rows, b.dest_row, b.dest_col,
+                                                                        b.width)]
+    if plan.hoisted is not None:
+        exprs += [plan.hoisted.width] + [e for b in plan.hoisted.biases for e in (b.dest_col, b.width)]
+    return _used_sizes(exprs)
 
 
 def _whole_block(blocks, rows: sympy.Expr, width: sympy.Expr) -> bool:
@@ -206,24 +264,30 @@ def context(plan: FusedPlan, spec_path: str, key: str) -> dict[str, Any]:
         h = plan.hoisted
         hoisted = {"rows": print_index(h.rows), "width": print_index(h.width), "blocks": _blocks(h.blocks),
                    "whole": _whole_block(h.blocks, h.rows, h.width),
-                   "biases": [{"bias": b.bias, "dest_col": print_index(b.dest_col), "width": print_index(b.width)}
-                              for b in h.biases], "delayed": h.delayed}
+                   "biases": [{"bias": b.bias, "dest": _slice(b.dest_col, b.width)} for b in h.biases],
+                   "delayed": h.delayed}
     gemms = [{"rows": print_index(g.rows), "width": print_index(g.width), "blocks": _blocks(g.blocks),
               "whole": _whole_block(g.blocks, g.rows, g.width)} for g in plan.gemms]
     params = _params(plan)
     return {
         "version": __version__, "spec_path": spec_path, "key": key, "name": spec.name,
-        "summary": _docstring_text((spec.doc.strip().splitlines() or [spec.name])[0]),
-        "states": [{"name": s.name, "size": print_index(s.size), "delay": s.name in plan.delay_states}
+        "summary": _docstring_text((spec.doc.strip().splitlines() or [spec.name])[0].rstrip()),
+        "states": [{"name": s.name, "size": print_index(s.size), "delay": s.name in plan.delay_states,
+                    "recurrent": s.name not in plan.delay_states}
                    for s in spec.states],
         "sizes": [str(s) for s in spec.sizes],
         "hypers": [{"name": h.name, "default": _float_literal(h.default)} for h in spec.hypers],
         "delay_states": list(plan.delay_states),
         "params": params, "first_param": params[0]["name"] if params else "",
-        "sizes_for_params": _take_sizes([str(s) for s in spec.sizes], ("input_size", "num_units")),
-        "sizes_for_state": _take_sizes(_needed([s.size for s in spec.states], spec), ("num_units",)),
-        "sizes_for_output": _take_sizes(_needed([plan.output_size], spec), ("num_units",)),
-        "sizes_from_dict": _sizes_from_dict(spec),
+        "sizes_for_params": _take_sizes([str(s) for s in spec.sizes], ("input_size", "num_units"),
+                                        _used_sizes(d for _, dims in _param_dims(plan) for d in dims)),
+        "sizes_for_state": _take_sizes(_needed([s.size for s in spec.states], spec), ("num_units",),
+                                       _used_sizes(s.size for s in spec.states)),
+        "sizes_for_output": _take_sizes(_needed([plan.output_size], spec), ("num_units",),
+                                        _used_sizes([plan.output_size])),
+        "sizes_from_dict": _sizes_from_dict(plan),
+        "sizes_for_input_width": _size_lines(spec, _used_sizes([spec.input.size])),
+        "sizes_for_pack": _size_lines(spec, _pack_sizes(plan)),
         "input_width": print_index(spec.input.size),
         "input_size_text": display_index(spec.input.size),
         "output_size": print_index(plan.output_size),

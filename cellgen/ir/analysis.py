@@ -282,4 +282,5 @@ def analyse(spec: CellSpec) -> FusedPlan:
         epilogue_biases=epilogue_biases, uses_x=X in arrays, uses_x_prev=X_PREV in arrays,
         output_size=spec.size_of(spec.output), param_arrays=a.param_arrays,
         double_buffered=tuple(s.name for s in spec.states if s.name not in a.delays),  # every store: sn_
+        gate_loads=tuple((str(g), loads[g]) for lin in a.live for g in lin.gates),
     )

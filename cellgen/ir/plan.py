@@ -256,6 +256,9 @@ class FusedPlan:
     param_arrays: dict[str, str]  # every per-unit parameter's and bias's kernel array (param_arrays)
     double_buffered: tuple[str, ...] = ()  # states stored into their sn_ array, swapped after each step
     time_loop: TimeLoop = field(default_factory=TimeLoop)
+    #: each live gate (spec order) -> the array reads that give its value at unit ``UNIT`` (``analysis.loads``):
+    #: how the printers name a temporary after the gates it computes
+    gate_loads: tuple[tuple[str, sympy.Expr], ...] = ()
 
     @property
     def scan_only(self) -> bool:

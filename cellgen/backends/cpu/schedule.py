@@ -15,7 +15,7 @@ function takes; ``templates/cpu/`` only prints it. Three modes (docs/performance
   time slots, a block of steps at a time, and scans them while they are in cache. A one-row
   call splits by units instead when the plan allows it (:class:`UnitSplit`).
 
-Every parameter list is derived from the IR (:func:`cellgen.codegen.names.kernel_names`): a
+Every parameter list is derived from the IR (:func:`cellgen.codegen.uses.kernel_names`): a
 function takes exactly the kernel variables its code uses (each argument of a parallel function
 costs Numba's parfor lowering ~35 ms).
 """
@@ -27,7 +27,7 @@ from enum import Enum
 
 import sympy
 
-from cellgen.codegen.names import kernel_names, loop_exprs
+from cellgen.codegen.uses import kernel_names, loop_exprs
 from cellgen.codegen.printing import print_index
 from cellgen.ir.plan import (
     OUT,

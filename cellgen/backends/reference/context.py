@@ -2,26 +2,124 @@
 
 The reference backend is the oracle of the generated module itself (a step in plain NumPy, no
 fusion, no hoisting); the tests' independent references live in ``tests/references.py``.
+
+Each value is printed once, as a named variable (:mod:`cellgen.codegen.names`): each state's new
+value (``new_c``), the output, every activation of gates (``sig_f``) and every subexpression the
+equations use more than once. Naming rewrites no expression (the printer prints a named
+subexpression by its name), so the step computes exactly what the equations written out would.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import sympy
+
+from cellgen.codegen.names import Describer, Namer
 from cellgen.codegen.printing import NumPyVectorPrinter
 from cellgen.ir.analysis import linear_order
 from cellgen.ir.plan import FusedPlan
 
+
 def context(plan: FusedPlan) -> dict[str, Any]:
     """Everything ``templates/reference/kernels.py.j2`` needs: the unfused spec printed for NumPy."""
     spec, p = plan.spec, NumPyVectorPrinter()
-    order = linear_order(spec)
-    linears = [{"operands": [p.doprint(o) for o in lin.operands], "kernel": lin.kernel, "bias": lin.bias,
-                "gates": [str(g) for g in lin.gates]} for lin in order]
+    order = _live(spec, linear_order(spec))
+    gates = {g: str(g) for lin in spec.linears for g in lin.gates}
+    words = {v.symbol: v.name for v in (spec.input, *spec.states, *spec.params)}
+    words |= {h.symbol: h.name for h in spec.hypers}
+
+    def atom_word(e: sympy.Expr) -> tuple[str, str] | None:
+        if e in gates:
+            return "gate", gates[e]
+        return ("word", words[e]) if e in words else None
+
+    names: dict[sympy.Expr, str] = {}
+    describer = Describer(atom_word, {g: k for k, g in enumerate(gates.values())}, names, {})
+    namer = Namer()
+    updates = [expr for _, expr, _ in spec.updates]
+    for (state, _, _), expr in zip(spec.updates, updates, strict=True):
+        if _nameable(expr) and expr not in names:
+            names[expr] = namer.fresh(f"new_{state}")
+    if _nameable(spec.output) and spec.output not in names:
+        names[spec.output] = namer.fresh("output")
+    operands = [op for lin in order for op in lin.operands]
+    every = [*operands, *updates, spec.output]
+    for e in every:
+        describer.name_activations(e, namer, whole=True)
+    for e in sorted(_repeated(every), key=sympy.count_ops):  # smaller first: a larger one is named after them
+        if e not in names:
+            names[e] = namer.fresh(describer.base(e))
+
+    emitted: set[sympy.Expr] = set()
+
+    def assignments(exprs) -> list[dict[str, str]]:
+        """The named values ``exprs`` need that are not printed yet, each after its parts."""
+        lines = []
+        for expr in exprs:
+            for e in _postorder(expr):
+                if e in names and e not in emitted:
+                    emitted.add(e)
+                    lines.append({"name": names[e], "value": p.define(e)})
+        return lines
+
+    p.names = names
+    linears = []
+    for lin in order:
+        linears.append({"assignments": assignments(lin.operands),
+                        "operands": [p.doprint(o) for o in lin.operands], "kernel": lin.kernel, "bias": lin.bias,
+                        "gates": [str(g) for g in lin.gates]})
+    final = assignments([*updates, spec.output])
+    used = set().union(*(e.free_symbols for e in every))
     return {
         "linears": linears,
-        "updates": [p.doprint(expr) for _, expr, _ in spec.updates],
+        "assignments": final,
+        "updates": [p.doprint(expr) for expr in updates],
         "output": p.doprint(spec.output),
-        "unit_params": [v.name for v in spec.params],
+        "hypers": [h.name for h in spec.hypers if h.symbol in used],
+        "unit_params": [v.name for v in spec.params if v.symbol in used],
     }
 
+
+def _live(spec, order: list) -> list:
+    """The linears (in ``order``) whose gates the updates and the output read, directly or through
+    other live linears: a linear nothing reads computes nothing observable."""
+    needed = set().union(*(e.free_symbols for _, e, _ in spec.updates), spec.output.free_symbols)
+    live = []
+    for lin in reversed(order):  # a linear's readers come after it
+        if needed & set(lin.gates):
+            live.append(lin)
+            needed |= set().union(*(o.free_symbols for o in lin.operands))
+    return live[::-1]
+
+
+def _nameable(expr: sympy.Expr) -> bool:
+    """Worth a variable: not a name, a number or a negated name (``-v_cell_clip``); and printed
+    as one operand wherever it stands (a negative-looking term prints as a subtraction)."""
+    return not (expr.is_Atom or expr.could_extract_minus_sign() or
+                (isinstance(expr, sympy.Pow) and expr.exp.is_negative))
+
+
+def _repeated(exprs) -> list[sympy.Expr]:
+    """The subexpressions met more than once, outermost first (one met only inside a repeated
+    one is not: it is computed once, as part of it)."""
+    seen: set[sympy.Expr] = set()
+    repeated: dict[sympy.Expr, None] = {}
+
+    def visit(e: sympy.Expr) -> None:
+        if e in seen and _nameable(e):
+            repeated[e] = None
+            return
+        seen.add(e)
+        for a in e.args:
+            visit(a)
+
+    for e in exprs:
+        visit(e)
+    return list(repeated)
+
+
+def _postorder(expr: sympy.Expr):
+    for a in expr.args:
+        yield from _postorder(a)
+    yield expr
