@@ -26,14 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = (ROOT / "pyproject.toml").read_text()
 #: How many fuzzer specs are built and linted.
 FUZZ_SPECS = 12
-#: (rule, function) findings the CPU and CUDA backends' code still has for some fuzzer specs (their
-#: templates are being rewritten, issue 10): bindings nothing reads (every hyperparameter in
-#: ``_cuda_forward``, ``x0``, a size of ``sizes_from_dict`` in ``_run_cpu``, the ``pre_t`` view in a
-#: ``_steps_*`` / ``_scan_*`` that reads no hoisted column) and the nested ``if`` of the CUDA kernels.
-#: test_random_specs_build_lint_clean_modules allows them; test_no_pending_findings_in_the_backends
-#: is the same check without them (xfail until they are fixed; then delete this and the xfail).
-PENDING = (("F841", "_cuda_forward"), ("F841", "_run_cpu"), ("F841", "_steps_"), ("F841", "_scan_"),
-           ("SIM102", "_cuda_"))
+#: The one ruff finding generated code may have, and where: an unfused CUDA epilogue kernel
+#: (``_cuda_epilogue<k>``, a fallback no shipped spec needs) whose only loop keeps its unit guard
+#: ``if j < D:`` inside the row's ``if b < B and t < lengths[b]:`` (SIM102, nested ifs). Each loop of
+#: such a kernel has its own domain guard; the two conditions stay apart so that every loop's guard
+#: reads the same whatever the number of loops.
+ALLOWED = (("SIM102", "_cuda_epilogue"),)
 
 
 def ruff_findings(*paths: Path) -> list[tuple[str, str, str]]:
@@ -112,12 +110,7 @@ def random_modules(folder: Path) -> list[Path]:
 
 
 def test_random_specs_build_lint_clean_modules(tmp_path: Path) -> None:
-    assert_reads_like_hand_written(random_modules(tmp_path), allowed=PENDING)
-
-
-@pytest.mark.xfail(strict=True, reason="PENDING: the CPU and CUDA backends' unused bindings and nested ifs")
-def test_no_pending_findings_in_the_backends(tmp_path: Path) -> None:
-    assert_reads_like_hand_written(random_modules(tmp_path))
+    assert_reads_like_hand_written(random_modules(tmp_path), allowed=ALLOWED)
 
 
 def test_the_formatter_is_pinned() -> None:

@@ -21,7 +21,7 @@ from cellgen.backends.cpu.schedule import (
 )
 from cellgen.codegen.loops import KernelPrinter, LoopText
 from cellgen.codegen.printing import DTYPES, NumbaPrinter, print_index, rational_tanh
-from cellgen.ir.plan import FusedPlan, Loop
+from cellgen.ir.plan import FusedPlan, Loop, size_name
 
 #: dtypes whose kernels call the rational tanh (float64 keeps libm's math.tanh).
 FAST_TANH_DTYPES = ("float32",)
@@ -83,5 +83,9 @@ def context(plan: FusedPlan) -> dict[str, Any]:
                                               "states": list(split.states), "first": split.first},
         "delay_index": s.delay_index, "pre": s.pre, "pre_first": s.pre_first,
         "output_size": print_index(plan.output_size),
+        # the sizes _run_cpu itself computes with (the kernels get theirs from ``call_args``)
+        "driver_sizes": [f"{size_name(str(n))} = sizes[{str(n)!r}]" for n in plan.spec.all_sizes
+                         if n in (sympy.sympify(s.step_work).free_symbols | plan.output_size.free_symbols
+                                  | ({split.domain} if split is not None else set()))],
         "step_work": print_index(s.step_work, {STEPS: "T"}),
     }

@@ -117,6 +117,7 @@ class UnitSplit:
     """
 
     size: str
+    domain: sympy.Symbol  # the size whose units are split
     scan_args: tuple[str, ...]
     states: tuple[str, ...]
     first: str | None
@@ -278,7 +279,7 @@ def _unit_split(plan: FusedPlan, scan_params: tuple[str, ...]) -> UnitSplit | No
         else:  # an array the split does not know how to cut
             return None
     copies = tuple(n for n in scan_params if n in states)
-    return UnitSplit(units, tuple(args), copies, "pre0" if "pre0" in scan_params else None)
+    return UnitSplit(units, domain, tuple(args), copies, "pre0" if "pre0" in scan_params else None)
 
 
 def _pre(plan: FusedPlan, mode: Mode) -> str | None:

@@ -154,7 +154,9 @@ def layout_context(layout: CudaLayout) -> dict[str, Any]:
         "double_buffered": [{"old": state_array(n), "new": new_state_array(n)} for n in layout.double_buffered],
         "buffers": [{"name": b.name, "width": print_index(b.width)} for b in layout.buffers],
         "unit_params": [{"array": plan.param_arrays[n], "name": n} for n in layout.unit_params],
-        "hypers": [{"name": h.name, "kernel": hyper_name(h.name)} for h in spec.hypers],
+        # the hyperparameters some kernel takes (a dead one's is bound nowhere)
+        "hypers": [{"name": h.name, "kernel": hyper_name(h.name)} for h in spec.hypers
+                   if hyper_name(h.name) in {a for k in layout.kernels for a in k.arg_names}],
         "delay_index": None if layout.delay_state is None else state_names.index(layout.delay_state),
         "hoisted": layout.hoisted,
         "delayed": layout.delayed,
