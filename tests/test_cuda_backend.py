@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import re
@@ -183,11 +184,13 @@ def test_generated_modules_launch_the_runtime_gemm(spec: Path) -> None:
     assert "_cuda_hoisted" not in cuda_part and "cuda.local.array" not in cuda_part
     assert '"hoisted"' not in cuda_part.split("_CUDA_RUNTIME =")[0]  # not among the module's own kernels
     assert "pre = _cuda_gemm.hoisted_gemm(xs, weights.hoisted, weights.bias)" in cuda_part
-    assert '_CUDA_RUNTIME = ("hoisted", )' in cuda_part
+    constants = {node.targets[0].id: node.value for node in ast.parse(text).body
+                 if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
+    assert ast.literal_eval(constants["_CUDA_RUNTIME"]) == ("hoisted",)
+    args = ast.literal_eval(constants["_CUDA_ARGS"])
     layout = cuda_layout(_plan(name))
     for kernel in layout.kernels:  # _CUDA_ARGS is the layout's, argument for argument
-        kinds = ", ".join(f'("{a.name}", "{a.kind}")' for a in kernel.args)
-        assert f'"{kernel.name}": ({kinds}, ),' in cuda_part
+        assert args[kernel.name] == tuple((a.name, a.kind) for a in kernel.args)
 
 
 def test_runtime_gemm_constants() -> None:
