@@ -29,8 +29,8 @@ PRE, PRE_PREV, X, X_PREV, OUT = "pre", "pre_prev", "x", "x_prev", "out"
 
 # -- the generated code's namespaces ----------------------------------------------------------
 # Every name a spec declares lives in generated code under a prefix of its kind, and no name of
-# the generator's own (``b``, ``j``, ``t``, ``out``, ``lengths``, ``np``, ``pre_t``, CSE
-# temporaries ``t0``...) starts with one of these prefixes: a spec name can never shadow a
+# the generator's own (``b``, ``j``, ``t``, ``out``, ``lengths``, ``np``, ``pre_t``, temporaries
+# ``sig_f``, ``new_c``... of cellgen.codegen.names) starts with one of these prefixes: a spec name can never shadow a
 # kernel's variable, collide with an argument or with a name of another kind. The prefixes are
 # prefix-free (``s_`` / ``sn_`` differ in their second character), so the kinds cannot collide
 # with each other either; within a kind the names are the spec's (already unique) names.
