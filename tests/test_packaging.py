@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 #: The distribution that provides each third-party module cellgen imports.
 PROVIDERS = {"jinja2": "jinja2", "llvmlite": "llvmlite", "numba": "numba", "numpy": "numpy", "sympy": "sympy",
-             "threadpoolctl": "threadpoolctl", "torch": "torch", "matplotlib": "matplotlib", "cuda": "numba-cuda"}
+             "threadpoolctl": "threadpoolctl", "torch": "torch", "matplotlib": "matplotlib", "cuda": "numba-cuda",
+             "ruff": "ruff"}
 #: Folders whose imports may come from an optional extra (the CUDA backend, the tools).
 OPTIONAL = ("cellgen/backends/cuda/", "cellgen/tools/")
 
