@@ -27,6 +27,8 @@ import sysconfig
 from pathlib import Path
 from types import ModuleType
 
+from cellgen import backends
+
 #: The cellgen package folder (``.../site-packages/cellgen`` or ``<checkout>/cellgen``).
 PACKAGE = Path(__file__).resolve().parent
 #: The folder above it: the checkout's root, or ``site-packages`` when installed.
@@ -108,3 +110,10 @@ def check_out_dir(out_dir: Path) -> None:
             raise ValueError(f"refusing to write generated modules into {target}: it is inside {what} ({folder}); "
                              "run `cellgen build` from your project's folder (it writes ./generated) or pass "
                              "--out DIR")
+
+
+def template_folders(main: Path) -> list[Path]:
+    """Where templates are found: cellgen's own folder ``main`` (:func:`templates_dir`), then each
+    registered backend's own (if any)."""
+    own = [Path(b.templates) for b in backends.REGISTRY.values() if b.templates is not None]
+    return [main, *dict.fromkeys(own)]

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 import cellgen
-from cellgen import backends
+from cellgen import backends, resources
 from cellgen.build import build, compiler_sources, spec_key
-from cellgen.codegen.render import TEMPLATES, template_folders
+from cellgen.codegen.render import TEMPLATES
 from cellgen.frontend.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,7 +131,7 @@ def test_adding_a_backend_as_the_docs_say(tmp_path: Path, monkeypatch) -> None:
         "counting", "counting_backend", "counting/kernels.py.j2", "the cpu loop, counted",
         templates=str(folder / "templates")))
     try:
-        assert folder / "templates" in template_folders()
+        assert folder / "templates" in resources.template_folders(TEMPLATES)
         assert spec_key(load_spec(spec)) != key_before  # its sources and templates are in every key
         (result,) = build([spec], tmp_path / "gen_counting")
         mod = importlib.import_module("gen_counting.gru")

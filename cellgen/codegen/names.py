@@ -31,11 +31,10 @@ import itertools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import sympy
 
-from cellgen import backends, resources
+from cellgen import resources
 from cellgen.frontend.dsl import sigmoid
 
 #: The prefix of an activation's temporary, by function.
@@ -55,8 +54,8 @@ FAMILIES = re.compile(r"(g|sig|tanh|exp|log|abs|max|min|new)_\w+|(output|operand
 def template_names() -> frozenset[str]:
     """Every identifier the templates hold (cellgen's and every registered backend's own folder):
     names a temporary never takes."""
-    folders = [resources.templates_dir(), *(Path(b.templates) for b in backends.REGISTRY.values() if b.templates)]
     words: set[str] = set()
+    folders = resources.template_folders(resources.templates_dir())
     for path in sorted(p for folder in folders for p in folder.rglob("*.j2")):
         text = path.read_text(encoding="utf-8")
         # the code's identifiers: not the words of its comments and docstrings

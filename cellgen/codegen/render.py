@@ -8,7 +8,6 @@ in ``templates/``.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 import math
 from typing import Any
 
@@ -31,15 +30,9 @@ from cellgen.codegen.printing import (
 TEMPLATES = resources.templates_dir()  # the installed package data or the checkout's templates/
 
 
-def template_folders() -> list[Path]:
-    """Where templates are found: cellgen's own folder, then each registered backend's own (if any)."""
-    own = [Path(b.templates) for b in backends.REGISTRY.values() if b.templates is not None]
-    return [TEMPLATES, *dict.fromkeys(own)]
-
-
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader([str(f) for f in template_folders()]),
+        loader=jinja2.FileSystemLoader([str(f) for f in resources.template_folders(TEMPLATES)]),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=False,
@@ -58,7 +51,7 @@ def py_tuple(items) -> str:
 def templates_digest() -> str:
     """sha256 over every template file: part of each generated module's key."""
     h = hashlib.sha256()
-    for folder in template_folders():
+    for folder in resources.template_folders(TEMPLATES):
         for path in sorted(folder.rglob("*.j2")):
             h.update(path.relative_to(folder).as_posix().encode())
             h.update(path.read_bytes())

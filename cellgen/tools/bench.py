@@ -309,7 +309,7 @@ def _positive(text: str) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.backend in DEVICE_BENCHES:
+    if backends.REGISTRY[args.backend].device:
         return _delegate_device(args)
     shapes = args.shape or list(SHAPES.items())
     if args.threads is None:
@@ -358,13 +358,17 @@ def _env_text(env: dict[str, object], threads: int) -> str:
             f"BLAS: {blas}\nenv: {env['env'] or 'no thread/BLAS variables set'}")
 
 
-#: Backends whose arrays live on a device, and the tool that times them (events on the device);
-#: every other registered backend is timed here, in the "cellgen" row.
+#: The tool that times each backend whose arrays live on a device (``Backend.device``; events on the
+#: device); every other registered backend is timed here, in the "cellgen" row.
 DEVICE_BENCHES = {"cuda": "cellgen.tools.bench_cuda"}
 
 
 def _delegate_device(args: argparse.Namespace) -> int:
-    tool = DEVICE_BENCHES[args.backend]
+    tool = DEVICE_BENCHES.get(args.backend)
+    if tool is None:
+        print(f"cellgen bench: --backend {args.backend} keeps its arrays on a device and has no timing tool "
+              f"(cellgen.tools.bench.DEVICE_BENCHES)", file=sys.stderr)
+        return 2
     try:
         bench_device = importlib.import_module(tool)
     except ImportError as err:

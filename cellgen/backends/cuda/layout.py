@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import sympy
 
+from cellgen.codegen.uses import loop_exprs
 from cellgen.ir.plan import (
     OUT,
     PRE,
@@ -241,14 +242,6 @@ def weight_array(stage: int) -> str:
 
 
 # -- facts on the plan ---------------------------------------------------------------------------
-def loop_exprs(loop: Loop) -> list[sympy.Expr]:
-    """Every expression of a loop: temporaries, and each store's value, target and masked value."""
-    exprs = [e for _, e in loop.temps]
-    for s in loop.stores:
-        exprs += [s.value, s.target] + ([s.masked] if s.masked is not None else [])
-    return [sympy.sympify(e) for e in exprs]
-
-
 def reads(loop: Loop, array: str) -> list[sympy.Expr]:
     """The column indices at which ``loop`` reads ``array``."""
     return [i.indices[0] for e in loop_exprs(loop) for i in e.atoms(sympy.Indexed) if str(i.base) == array]
@@ -373,7 +366,7 @@ def used(exprs: list[sympy.Expr]) -> set[str]:
 
 def loops_used(loops: tuple[Loop, ...]) -> set[str]:
     """:func:`used` over every expression and domain of ``loops``."""
-    return used([e for loop in loops for e in (*loop_exprs(loop), loop.domain)])
+    return used([e for loop in loops for e in loop_exprs(loop)])  # the domain is the first expression
 
 
 def sizes_used(*exprs: sympy.Expr) -> set[str]:
