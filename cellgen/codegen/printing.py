@@ -231,6 +231,16 @@ class NumbaPrinter(NamedPrinter, PythonCodePrinter):
     def _print_Abs(self, expr: sympy.Abs) -> str:
         return f"abs({self._argument(expr.args[0])})"
 
+    def _select(self, op: str, expr) -> str:
+        a, b = (self._operand(arg) for arg in expr.args)
+        return f"({self._literal(1.0)} if {a} {op} {b} else {self._literal(0.0)})"
+
+    def _print_ge(self, expr) -> str:  # cellgen.ir.adjoint.ge: a gradient's selector
+        return self._select(">=", expr)
+
+    def _print_gt(self, expr) -> str:
+        return self._select(">", expr)
+
     # -- functions ---------------------------------------------------------------------
     def _tanh(self, arg: str) -> str:
         return f"{self.fast_tanh}({arg})" if self.fast_tanh else f"math.tanh({arg})"
@@ -357,6 +367,14 @@ class NumPyVectorPrinter(NamedPrinter, NumPyPrinter):
 
     def _print_Infinity(self, expr) -> str:
         return "np.inf"
+
+    def _print_ge(self, expr) -> str:  # cellgen.ir.adjoint.ge: 1.0 where a >= b
+        a, b = (self._print(arg) for arg in expr.args)
+        return f"np.where({a} >= {b}, 1.0, 0.0)"
+
+    def _print_gt(self, expr) -> str:
+        a, b = (self._print(arg) for arg in expr.args)
+        return f"np.where({a} > {b}, 1.0, 0.0)"
 
     def _print_NegativeInfinity(self, expr) -> str:
         return "-np.inf"

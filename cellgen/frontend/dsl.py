@@ -56,7 +56,7 @@ INITIALISERS = ("uniform", "glorot_uniform")
 #: zero_state / param_shapes / state_size / output_size, next to these named arguments.
 RESERVED: dict[str, tuple[str, ...]] = {
     "hyper": ("backend", "initial_state", "initial_state_bw", "initial_state_fw", "inputs", "params",
-              "params_bw", "params_fw", "sequence_length", "state", "time_major"),
+              "params_bw", "params_fw", "recompute", "sequence_length", "state", "time_major"),
     "size": ("batch_size", "dtype", "input_size", "num_units", "seed", "sizes"),
 }
 

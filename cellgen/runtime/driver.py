@@ -104,11 +104,14 @@ class BackendRun:
     call's arrays (time-major ``xs``, ``cell.pack``'s fused weights when ``packs``) and returns the
     time-major outputs [T, B, out] and the final values of the recurrent (non-delay) states in
     STATE order; ``arrays`` is where its arrays live (:class:`HostArrays` or a device's).
+    ``vjp`` (same arguments and ``recompute``) is the backend's training entry, described in
+    :mod:`cellgen.runtime.train`; None where the backend has no backward.
     """
 
     run: Callable
     arrays: Any = HOST
     packs: bool = True
+    vjp: Callable | None = None  # training: the saving forward and its backward (cellgen.runtime.train)
 
 
 def backend_run(cell: CellInfo, backend: str) -> BackendRun:

@@ -16,7 +16,8 @@ from typing import Any
 import sympy
 
 from cellgen.codegen.names import Describer, Namer
-from cellgen.codegen.printing import NumPyVectorPrinter
+from cellgen.codegen.printing import NumPyVectorPrinter, print_index
+from cellgen.ir.adjoint import derive
 from cellgen.ir.analysis import linear_order
 from cellgen.ir.plan import FusedPlan
 
@@ -78,6 +79,7 @@ def context(plan: FusedPlan) -> dict[str, Any]:
         "output": p.doprint(spec.output),
         "hypers": [h.name for h in spec.hypers if h.symbol in used],
         "unit_params": [v.name for v in spec.params if v.symbol in used],
+        "backward": backward_context(plan),
     }
 
 
@@ -123,3 +125,54 @@ def _postorder(expr: sympy.Expr):
     for a in expr.args:
         yield from _postorder(a)
     yield expr
+
+
+def backward_context(plan: FusedPlan) -> dict[str, Any]:
+    """The reference backward step: the adjoint equations (:mod:`cellgen.ir.adjoint`) unfused,
+    each linear's transposed products written out, whole-batch NumPy. The linears run in reverse
+    dependency order: a linear's d_gates read the operand adjoints of the linears after it."""
+    spec = plan.spec
+    order = _live(spec, linear_order(spec))
+    delay = plan.delay_states[0] if plan.delay_states else None
+    adj = derive(spec, tuple(order), delay)
+    p = NumPyVectorPrinter()
+    p.names = {adj.d_out: "d_out"}
+    p.names |= {sym: f"d_new[{k}]" for k, sym in enumerate(adj.d_new.values())}
+    p.names |= {sym: f"d_opnd_{k}" for k, sym in enumerate(adj.d_opnd.values())}
+    made = (sympy.Symbol(f"_e{k}", real=True) for k in range(10**6))
+
+    def printed(exprs: list[sympy.Expr]) -> tuple[list[dict[str, str]], list[str]]:
+        temps, reduced = sympy.cse(exprs, symbols=made, order="none")
+        p.names |= {t: str(t) for t, _ in temps}
+        return [{"name": str(t), "value": p.doprint(e)} for t, e in temps], [p.doprint(e) for e in reduced]
+
+    linears = []
+    for lin in reversed(order):
+        temps, gates = printed([adj.gates[g] for g in lin.gates])
+        row = sympy.Integer(0)
+        parts = []
+        for op, size in zip(lin.operands, lin.operand_sizes, strict=True):
+            if op == spec.input.symbol:
+                target = "d_x"
+            elif delay is not None and op == spec.state(delay).symbol:
+                target = "d_x_prev"
+            else:
+                target = f"d_opnd_{adj.operands.index(op)}"
+            parts.append({"rows": f"{print_index(row)}:{print_index(row + size)}", "target": target,
+                          "value": p.doprint(op)})
+            row = row + size
+        linears.append({"kernel": lin.kernel, "index": order.index(lin), "temps": temps, "gates": gates,
+                        "parts": parts})
+    final, values = printed([*adj.states.values(), *adj.params.values(), adj.x, adj.x_prev])
+    n = len(adj.states)
+    return {
+        "linears": linears,
+        "final_temps": final,
+        "gate_splits": [{"index": k, "gates": [str(g) for g in lin.gates], "kernel": lin.kernel, "bias": lin.bias}
+                        for k, lin in enumerate(order)],
+        "operands": len(adj.operands),
+        "states": [{"name": name, "value": v} for name, v in zip(adj.states, values[:n], strict=True)],
+        "params": dict(zip(adj.params, values[n:n + len(adj.params)], strict=True)),
+        "x": values[-2],
+        "x_prev": values[-1],
+    }
