@@ -21,7 +21,7 @@ from cellgen.backends.cpu.schedule import (
 )
 from cellgen.codegen.loops import KernelPrinter, LoopText
 from cellgen.codegen.printing import DTYPES, NumbaPrinter, print_index, rational_tanh
-from cellgen.ir.plan import FusedPlan, Loop, size_name
+from cellgen.ir.plan import FusedPlan, Loop, saved_array, size_name
 
 #: dtypes whose kernels call the rational tanh (float64 keeps libm's math.tanh).
 FAST_TANH_DTYPES = ("float32",)
@@ -43,16 +43,17 @@ def _printed(kp: KernelPrinter, loops: list[Loop]) -> tuple[list[LoopText], list
     return [kp.loop(loop) for loop in loops], [m for m in (kp.masked_loop(loop) for loop in loops) if m is not None]
 
 
-def _kernels(plan: FusedPlan, schedule: CpuSchedule, dtype: str) -> dict[str, Any]:
+def _kernels(plan: FusedPlan, schedule: CpuSchedule, dtype: str, ns: str = "") -> dict[str, Any]:
     tanh = _tanh_helper(dtype)
-    kp = KernelPrinter(plan, dtype, fast_tanh=tanh["name"] if tanh else None, arrays=CPU_ARRAYS, rows=CPU_ROWS)
+    rows = CPU_ROWS | {saved_array(n): "t, b" for n in plan.time_loop.saved}  # a training forward's [T, B, n] saves
+    kp = KernelPrinter(plan, dtype, fast_tanh=tanh["name"] if tanh else None, arrays=CPU_ARRAYS, rows=rows)
     by_index = {e.index: e for e in plan.epilogues}
     phases = []
     for phase in schedule.phases:
         if isinstance(phase, EpiloguePhase):
             loops, masked = _printed(kp, list(by_index[phase.index].loops))
             phases.append({"kind": "epilogue", "loops": loops, "masked_loops": masked,
-                           "helper": f"_epilogue{phase.index}_{dtype}", "params": list(phase.params)})
+                           "helper": f"_epilogue{phase.index}{ns}_{dtype}", "params": list(phase.params)})
         else:
             phases.append({"kind": "gemm", "operand": phase.operand, "weight": phase.weight,
                            "result": phase.result})
@@ -61,16 +62,30 @@ def _kernels(plan: FusedPlan, schedule: CpuSchedule, dtype: str) -> dict[str, An
     thread = {Mode.FUSED_SCAN: "_fused_scan", Mode.SCAN: "_scan_rows", Mode.STEPS: "_steps"}[schedule.mode]
     serial = "_steps" if schedule.mode is Mode.STEPS else "_scan"
     return {"dtype": dtype, "schedule": phases, "loops": loops, "masked_loops": masked, "tanh": tanh,
-            "scan": f"_scan_{dtype}", "thread": f"{thread}_{dtype}", "serial": f"{serial}_{dtype}"}
+            "scan": f"_scan{ns}_{dtype}", "thread": f"{thread}{ns}_{dtype}", "serial": f"{serial}{ns}_{dtype}"}
 
 
 def context(plan: FusedPlan) -> dict[str, Any]:
-    """Everything ``templates/cpu/kernels.py.j2`` needs (under the module context's ``cpu``)."""
+    """Everything ``templates/cpu/kernels.py.j2`` needs (under the module context's ``cpu``):
+    the forward's kernels, and under ``train`` the forward that saves and the backward."""
+    from cellgen.backends.cpu.backward import backward_context  # the training stage's printing
+    from cellgen.ir.backward import training_plan
+
+    training = training_plan(plan.spec)
+    return {**forward_context(plan), "train": forward_context(training.forward, "_train"),
+            "backward": backward_context(training)}
+
+
+def forward_context(plan: FusedPlan, ns: str = "") -> dict[str, Any]:
+    """A forward's kernels under the namespace ``ns`` (every function and table name ends in it)."""
     s = cpu_schedule(plan)
     split = s.unit_split
+    saved = [{"name": saved_array(n), "width": print_index(w)} for n, w in _saved_widths(plan)]
     return {
+        "ns": ns,
+        "saved": saved,
         "mode": s.mode.value,
-        "kernels": [_kernels(plan, s, dtype) for dtype in DTYPES],
+        "kernels": [_kernels(plan, s, dtype, ns) for dtype in DTYPES],
         "args": [a.name for a in s.args], "call_args": [a.value for a in s.args],
         "double_buffered": [{"old": d.old, "new": d.new} for d in s.double_buffered],
         "finals": list(s.finals),
@@ -86,6 +101,19 @@ def context(plan: FusedPlan) -> dict[str, Any]:
         # the sizes _run_cpu itself computes with (the kernels get theirs from ``call_args``)
         "driver_sizes": [f"{size_name(str(n))} = sizes[{str(n)!r}]" for n in plan.spec.all_sizes
                          if n in (sympy.sympify(s.step_work).free_symbols | plan.output_size.free_symbols
-                                  | ({split.domain} if split is not None else set()))],
+                                  | ({split.domain} if split is not None else set())
+                                  | _saved_sizes(plan))],
         "step_work": print_index(s.step_work, {STEPS: "T"}),
     }
+
+
+def _saved_widths(plan: FusedPlan) -> list[tuple[str, sympy.Expr]]:
+    """Each value the plan's time loop saves (``TimeLoop.saved``) and its width."""
+    spec = plan.spec
+    widths = {s.name: s.size for s in spec.states} | {str(g): lin.gate_size for lin in spec.linears
+                                                        for g in lin.gates}
+    return [(n, widths[n]) for n in plan.time_loop.saved]
+
+
+def _saved_sizes(plan: FusedPlan) -> set[sympy.Symbol]:
+    return set().union(*(sympy.sympify(w).free_symbols for _, w in _saved_widths(plan)))

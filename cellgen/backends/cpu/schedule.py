@@ -38,6 +38,7 @@ from cellgen.ir.plan import (
     FusedPlan,
     hyper_name,
     new_state_array,
+    saved_array,
     size_name,
     state_array,
 )
@@ -173,6 +174,7 @@ def _args(plan: FusedPlan) -> list[Arg]:
     order = [s.name for s in spec.states]
     args += [Arg(state_array(n), f"np.array(states[{order.index(n)}], order='C')") for n in plan.recurrent_states]
     args.append(Arg(OUT, "out"))
+    args += [Arg(saved_array(n), saved_array(n)) for n in plan.time_loop.saved]  # a training forward's saves
     return args
 
 

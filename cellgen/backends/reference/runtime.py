@@ -38,8 +38,9 @@ class Rows:
         return np.broadcast_to(value, (self.batch, value.shape[-1] if size is None else size))
 
 
-def vjp(step: Callable, backward_step: Callable, linears: Sequence[tuple[str, str | None]], state_class: type, params, xs: np.ndarray, lengths: np.ndarray,
-        states: list[np.ndarray], hyper, out_size: int, recurrent: Sequence[bool]):
+def vjp(step: Callable, backward_step: Callable, linears: Sequence[tuple[str, str | None]], state_class: type,
+        params, xs: np.ndarray, lengths: np.ndarray, states: list[np.ndarray], hyper, out_size: int,
+        recurrent: Sequence[bool]):
     """The forward of :func:`run` saving every step's states and linear results, and its backward.
 
     Returns the outputs [T, B, out], the recurrent states' final values and ``backward(d_out,

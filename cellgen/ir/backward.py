@@ -1,0 +1,335 @@
+"""Stage 2b (CellSpec -> TrainingPlan): the forward that saves, and the fused backward plan.
+
+The backward of a fused step is fused the same way, reversed (docs/training.md):
+
+* the forward saves, every step, each recurrent state's value before the step and each live
+  gate's value (its linear's result): ``sv_<name>[t, b, j]`` (:func:`with_saves`);
+* ONE reverse time loop runs, per step, the backward epilogues and the transposed recurrent
+  GEMMs, stages in reverse order: epilogue n (the gates the updates and the output read last),
+  ``drec{n-1} = dg{n-1}[t] @ W_{n-1}^T``, epilogue n-1, ..., ``drec0 = dg0[t] @ W_0^T``,
+  epilogue 0 (the states' adjoints, carried in place in ``ds_<state>``). A gate's adjoint is
+  stored where its value was read: ``dg{s}[t]`` for each recurrent stage s of its linear and
+  ``dpre`` for its hoisted columns (the delayed ones one step earlier);
+* after the loop, ONE GEMM per weight over all T*B rows (``operands^T @ d_gates``: the saved
+  states, or the operand rows the backward stores in ``op{s}``), bias = column sums, and the
+  inputs' adjoint ONE GEMM ``dpre @ W_hoisted^T``.
+
+The backward plan is a :class:`FusedPlan` with a REVERSE time loop: its gemms are the DGATES_WT
+products in the order they run, its epilogues the loops between them, so the printers and
+``FusedPlan.schedule`` serve it unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from dataclasses import dataclass
+
+import sympy
+
+from cellgen.frontend.spec import CellSpec, Linear
+from cellgen.ir.adjoint import StepAdjoint, derive, is_hoisted_operand
+from cellgen.ir.analysis import analyse
+from cellgen.ir.passes import run_passes
+from cellgen.ir.plan import (
+    OUT,
+    PRE,
+    PRE_PREV,
+    UNIT,
+    Direction,
+    Epilogue,
+    FusedPlan,
+    GemmKind,
+    Loop,
+    Store,
+    TimeLoop,
+    hyper_name,
+    new_state_array,
+    saved_array,
+    state_array,
+)
+
+#: Backward kernel arrays: the outputs' adjoint [B, T, out], the hoisted columns' adjoint
+#: [T(+1), B, width] (read as dpre at a step's own row and dpre_prev one row earlier), the
+#: inputs [T(+1), B, in] with x_{-1} first where there is a delay state (x at t, x_prev at t-1),
+#: and the elementwise part of the inputs' adjoint in the same layout.
+D_OUT, D_PRE, D_PRE_PREV, X_ALL, X_ALL_PREV, D_X, D_X_PREV = (
+    "dout", "dpre", "dpre_prev", "xa", "xa_prev", "dxa", "dxa_prev")
+
+
+def adjoint_state_array(name: str) -> str:
+    """The [B, size] adjoint of a recurrent state, carried backwards through the steps."""
+    return f"ds_{name}"
+
+
+def d_gates_array(stage: int) -> str:
+    """[T, B, width] d_gates of the forward's recurrent GEMM ``stage`` (its columns)."""
+    return f"dg{stage}"
+
+
+def d_operand_array(stage: int) -> str:
+    """[B, rows] result of the transposed GEMM of forward stage ``stage``: its operands' adjoints."""
+    return f"drec{stage}"
+
+
+def operand_rows_array(stage: int) -> str:
+    """[T, B, rows] the operand rows of forward stage ``stage``, stored by the backward for its weight GEMM."""
+    return f"op{stage}"
+
+
+def param_adjoint_array(name: str) -> str:
+    """[B, size] per-row accumulator of a per-unit parameter's adjoint (summed over rows after the loop)."""
+    return f"dp_{name}"
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A value the forward saves every step: ``sv_<name>[t, b, j]`` for ``j < width``."""
+
+    name: str
+    width: sympy.Expr
+    kind: str  # "state" (its value before the step) | "gate" (its linear's result)
+
+    @property
+    def array(self) -> str:
+        return saved_array(self.name)
+
+
+@dataclass(frozen=True)
+class WeightGrad:
+    """ONE GEMM after the loop: ``d_packed = rows^T @ d_gates`` over all T*B rows of forward stage ``stage``."""
+
+    stage: int
+    rows: str  # the operand rows: a saved state or op{stage}
+    d_gates: str
+
+
+@dataclass(frozen=True)
+class BiasGrad:
+    """``d_bias = column sums of array[..., col:col+width]`` over every row."""
+
+    bias: str
+    array: str
+    col: sympy.Expr
+    width: sympy.Expr
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """A cell's forward that saves, and its fused backward."""
+
+    forward: FusedPlan  # the forward plan with its saves (time_loop.saved)
+    backward: FusedPlan  # REVERSE: DGATES_WT gemms and the backward epilogues between them
+    saved: tuple[Saved, ...]
+    stages: tuple[int, ...]  # backward gemm k is the transpose of forward gemm stages[k]
+    weight_grads: tuple[WeightGrad, ...]
+    bias_grads: tuple[BiasGrad, ...]
+    unit_params: tuple[str, ...]  # per-unit parameters with a dp_ accumulator
+    delayed: bool  # the cell has a delay state: x arrays have T+1 rows, x_{-1} first
+    reads_inputs: bool  # the backward epilogues read the inputs (x or x_prev)
+    writes_inputs: bool  # ... and store an elementwise part of their adjoint (dxa)
+
+
+def live_linears(plan: FusedPlan) -> tuple[Linear, ...]:
+    gates = {g for g, _ in plan.gate_loads}
+    return tuple(lin for lin in plan.spec.linears if str(lin.gates[0]) in gates)
+
+
+def _at(array: str, index: sympy.Expr) -> sympy.Indexed:
+    return sympy.Indexed(sympy.IndexedBase(array), index)
+
+
+def saved_values(plan: FusedPlan) -> tuple[Saved, ...]:
+    spec = plan.spec
+    states = tuple(Saved(n, spec.state(n).size, "state") for n in plan.recurrent_states)
+    sizes = {str(g): lin.gate_size for lin in spec.linears for g in lin.gates}
+    return states + tuple(Saved(g, sizes[g], "gate") for g, _ in plan.gate_loads)
+
+
+def with_saves(plan: FusedPlan, saved: tuple[Saved, ...]) -> FusedPlan:
+    """``plan`` (after its passes) with a store of every saved value, for active rows: a state's in
+    the loop that stores its new value (a loop reads every value before it stores any), a
+    gate's in the first epilogue after the GEMMs its value needs. The plan's own stores and
+    temporaries are left as they are, so the forward that saves computes the same numbers."""
+    loads = dict(plan.gate_loads)
+    epilogues = [list(e.loops) for e in plan.epilogues]
+    indices = [e.index for e in plan.epilogues]
+    for sv in saved:
+        if sv.kind == "state":
+            targets = {new_state_array(sv.name), state_array(sv.name)}
+            k, i = next((k, i) for k, loops in enumerate(epilogues) for i, loop in enumerate(loops)
+                        if any(str(s.target.base) in targets for s in loop.stores))
+            value = _at(state_array(sv.name), UNIT)
+        else:
+            value = loads[sv.name]
+            level = max([int(str(a.base)[3:]) + 1 for a in value.atoms(sympy.Indexed)
+                         if str(a.base).startswith("rec")], default=0)
+            k = next(k for k, index in enumerate(indices) if index >= level)
+            i = next((i for i, loop in enumerate(epilogues[k]) if loop.domain == sv.width), None)
+            if i is None:
+                epilogues[k].append(Loop(sv.width, (), ()))
+                i = len(epilogues[k]) - 1
+        loop = epilogues[k][i]
+        epilogues[k][i] = dataclasses.replace(loop, stores=(*loop.stores, Store(_at(sv.array, UNIT), value, None)))
+    return dataclasses.replace(
+        plan, epilogues=tuple(Epilogue(e.index, tuple(loops)) for e, loops in zip(plan.epilogues, epilogues,
+                                                                                   strict=True)),
+        time_loop=dataclasses.replace(plan.time_loop, saved=tuple(sv.name for sv in saved)),
+        batched_arrays=tuple(sorted({*plan.batched_arrays, *(sv.array for sv in saved)})))
+
+
+def training_plan(spec: CellSpec) -> TrainingPlan:
+    """The saving forward (passes run) and the backward plan of ``spec``."""
+    plain = analyse(spec)
+    saved = saved_values(plain)
+    forward = with_saves(run_passes(plain), saved)
+    return _Backward(plain, saved, forward).plan()
+
+
+class _Backward:
+    def __init__(self, plan: FusedPlan, saved: tuple[Saved, ...], forward: FusedPlan) -> None:
+        self.plan0, self.saved, self.forward = plan, saved, forward
+        self.spec = plan.spec
+        self.delay = plan.delay_states[0] if plan.delay_states else None
+        self.adj: StepAdjoint = derive(self.spec, live_linears(plan), self.delay)
+        self.gemm_of_operand: dict[sympy.Expr, tuple[int, sympy.Expr]] = {}
+        for g in plan.gemms:
+            for op in g.operands:
+                self.gemm_of_operand[op.expr] = (g.stage, op.offset)
+
+    # -- where each leaf and adjoint is read in the backward kernels ------------------------
+    def loads(self) -> dict[sympy.Symbol, sympy.Expr]:
+        spec, adj, j = self.spec, self.adj, UNIT
+        table: dict[sympy.Symbol, sympy.Expr] = {}
+        for sv in self.saved:
+            symbol = spec.state(sv.name).symbol if sv.kind == "state" else next(
+                g for lin in spec.linears for g in lin.gates if str(g) == sv.name)
+            table[symbol] = _at(sv.array, j)
+        if self.delay is not None:
+            table[spec.state(self.delay).symbol] = _at(X_ALL_PREV, j)
+        table[spec.input.symbol] = _at(X_ALL, j)
+        for p in spec.params:
+            table[p.symbol] = _at(self.plan0.param_arrays[p.name], j)
+        for h in spec.hypers:
+            table[h.symbol] = sympy.Symbol(hyper_name(h.name), real=True)
+        table[adj.d_out] = _at(D_OUT, j)
+        for name, sym in adj.d_new.items():
+            table[sym] = _at(adjoint_state_array(name), j)
+        for op, sym in adj.d_opnd.items():
+            stage, offset = self.gemm_of_operand[op]
+            table[sym] = _at(d_operand_array(stage), offset + j)
+        return table
+
+    # -- the gates' adjoints: where each is stored ------------------------------------------
+    def gate_targets(self, gate: str) -> tuple[int, list[sympy.Indexed], list[BiasGrad]]:
+        """The gate's level (the forward epilogue its value is first complete in), the arrays
+        its adjoint goes to (at unit j), and the bias gradients read off them."""
+        load = dict(self.plan0.gate_loads)[gate]
+        targets, level = [], 0
+        biases: list[BiasGrad] = []
+        for term in sympy.Add.make_args(load):
+            (index,) = term.indices
+            base = str(term.base)
+            if base == PRE:
+                targets.append(_at(D_PRE, index))
+            elif base == PRE_PREV:
+                targets.append(_at(D_PRE_PREV, index))
+            elif base.startswith("rec"):
+                stage = int(base[3:])
+                level = max(level, stage + 1)
+                targets.append(_at(d_gates_array(stage), index))
+        return level, targets, biases
+
+    def plan(self) -> TrainingPlan:
+        spec, adj, plan = self.spec, self.adj, self.plan0
+        loads = self.loads()
+        n = len(plan.gemms)
+        stores: dict[int, list[tuple[sympy.Expr, Store]]] = defaultdict(list)  # forward level -> stores
+        gate_size = {str(g): lin.gate_size for lin in spec.linears for g in lin.gates}
+        for lin in live_linears(plan):
+            for g in lin.gates:
+                level, targets, _ = self.gate_targets(str(g))
+                value = adj.gates[g].xreplace(loads)
+                for target in targets:
+                    stores[level].append((gate_size[str(g)], Store(target, value, None)))
+        for name, expr in adj.states.items():
+            target = _at(adjoint_state_array(name), UNIT)
+            stores[0].append((spec.state(name).size, Store(target, expr.xreplace(loads), None)))
+        for name, expr in adj.params.items():
+            acc = _at(param_adjoint_array(name), UNIT)
+            size = next(p.size for p in spec.params if p.name == name)
+            stores[0].append((size, Store(acc, acc + expr.xreplace(loads), None)))
+        reads_x = writes_x = False
+        for value, target in ((adj.x, D_X), (adj.x_prev, D_X_PREV)):
+            if value != 0:
+                acc = _at(target, UNIT)
+                stores[0].append((spec.input.size, Store(acc, acc + value.xreplace(loads), None)))
+                writes_x = True
+        weight_grads = []
+        for g in plan.gemms:
+            if g.direct_state is not None:
+                rows = saved_array(g.direct_state)
+            else:
+                rows = operand_rows_array(g.stage)
+                for op in g.operands:
+                    stores[0].append((op.size, Store(_at(rows, op.offset + UNIT), op.expr.xreplace(loads), None)))
+            weight_grads.append(WeightGrad(g.stage, rows, d_gates_array(g.stage)))
+        epilogues = []
+        for level in range(n, -1, -1):
+            by_domain: dict[sympy.Expr, list[Store]] = defaultdict(list)
+            for size, store in stores.get(level, []):
+                by_domain[size].append(store)
+            if by_domain:
+                epilogues.append(Epilogue(n - level, tuple(Loop(size, (), tuple(sts))
+                                                           for size, sts in by_domain.items())))
+        stages = tuple(range(n - 1, -1, -1))
+        gemms = tuple(dataclasses.replace(plan.gemms[s], kind=GemmKind.DGATES_WT) for s in stages)
+        arrays: set[str] = set()
+        for epi in epilogues:
+            for loop in epi.loops:
+                for s in loop.stores:
+                    for e in (s.target, s.value):
+                        arrays.update(str(i.base) for i in e.atoms(sympy.Indexed))
+        reads_x = bool(arrays & {X_ALL, X_ALL_PREV})
+        per_unit = {plan.param_arrays[p.name] for p in spec.params}
+        backward = dataclasses.replace(
+            plan, gemms=gemms, epilogues=tuple(epilogues), time_loop=TimeLoop(Direction.REVERSE, True, ()),
+            batched_arrays=tuple(sorted(arrays - per_unit)), double_buffered=(),
+            gate_loads=tuple((str(g), loads[g]) for lin in live_linears(plan) for g in lin.gates),
+            uses_x=False, uses_x_prev=False)
+        backward = _cse(backward)
+        return TrainingPlan(
+            forward=self.forward, backward=backward, saved=self.saved, stages=stages,
+            weight_grads=tuple(weight_grads), bias_grads=self.bias_grads(), unit_params=tuple(adj.params),
+            delayed=self.delay is not None, reads_inputs=reads_x, writes_inputs=writes_x)
+
+    def bias_grads(self) -> tuple[BiasGrad, ...]:
+        """Each bias's adjoint: the column sums of its linear's d_gates, wherever they are stored."""
+        plan = self.plan0
+        out = []
+        for lin in live_linears(plan):
+            if lin.bias is None:
+                continue
+            load = dict(plan.gate_loads)[str(lin.gates[0])]
+            first = None
+            for term in sympy.Add.make_args(load):
+                base = str(term.base)
+                array = {PRE: D_PRE, PRE_PREV: D_PRE}.get(base) or (
+                    d_gates_array(int(base[3:])) if base.startswith("rec") else None)
+                if array is not None:
+                    first = (array, term.indices[0] - UNIT)
+                    if base == PRE:
+                        break
+            assert first is not None, f"cellgen bug: the gates of {lin.kernel} are stored nowhere"
+            out.append(BiasGrad(lin.bias, first[0], first[1], lin.columns))
+        return tuple(out)
+
+
+def _cse(plan: FusedPlan) -> FusedPlan:
+    """One ``sympy.cse`` per backward loop (the forward's pass, on the backward's stores)."""
+    from cellgen.ir.passes import eliminate_common_subexpressions, stabilise
+
+    return eliminate_common_subexpressions(stabilise(plan))
+
+
+__all__ = ["D_OUT", "OUT", "TrainingPlan", "training_plan", "is_hoisted_operand"]
