@@ -10,6 +10,6 @@ generated module, built into a keyed cache folder when needed (:mod:`cellgen.loa
 from cellgen.version import __version__
 
 from cellgen.loader import load  # noqa: E402
-from cellgen.runtime.stack import multi_rnn  # noqa: E402
+from cellgen.runtime.stack import multi_rnn, multi_rnn_vjp  # noqa: E402
 
-__all__ = ["__version__", "load", "multi_rnn"]
+__all__ = ["__version__", "load", "multi_rnn", "multi_rnn_vjp"]

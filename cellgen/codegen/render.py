@@ -205,6 +205,12 @@ def _blocks(blocks) -> list[dict[str, str]]:
              f"{_slice(b.dest_col, b.width)}"} for b in blocks]
 
 
+def _unpack_sizes(plan: FusedPlan) -> set[str]:
+    """The sizes ``_unpack`` uses: every block's rows and destination."""
+    return _used_sizes([e for g in (plan.hoisted, *plan.gemms) if g is not None for b in g.blocks
+                        for e in (b.row_start, b.rows, b.dest_row, b.dest_col, b.width)])
+
+
 def _pack_sizes(plan: FusedPlan) -> set[str]:
     """The sizes ``_pack`` uses: the fused weights' shapes and blocks."""
     exprs = []
@@ -281,6 +287,7 @@ def context(plan: FusedPlan, spec_path: str, key: str) -> dict[str, Any]:
         "sizes_from_dict": _sizes_from_dict(plan),
         "sizes_for_input_width": _size_lines(spec, _used_sizes([spec.input.size])),
         "sizes_for_pack": _size_lines(spec, _pack_sizes(plan)),
+        "sizes_for_unpack": _size_lines(spec, _unpack_sizes(plan)),
         "input_width": print_index(spec.input.size),
         "input_size_text": display_index(spec.input.size),
         "output_size": print_index(plan.output_size),

@@ -14,7 +14,7 @@ from typing import Any
 
 import sympy
 
-from cellgen.backends.cpu.context import FAST_TANH_DTYPES
+from cellgen.backends.cpu.schedule import FAST_TANH_DTYPES
 from cellgen.codegen.loops import KernelPrinter
 from cellgen.codegen.printing import DTYPES, print_index
 from cellgen.codegen.uses import kernel_names

@@ -10,9 +10,11 @@ from typing import Any
 
 import sympy
 
+from cellgen.backends.cpu.backward import backward_context
 from cellgen.backends.cpu.schedule import (
     CPU_ARRAYS,
     CPU_ROWS,
+    FAST_TANH_DTYPES,
     STEPS,
     CpuSchedule,
     EpiloguePhase,
@@ -21,10 +23,9 @@ from cellgen.backends.cpu.schedule import (
 )
 from cellgen.codegen.loops import KernelPrinter, LoopText
 from cellgen.codegen.printing import DTYPES, NumbaPrinter, print_index, rational_tanh
+from cellgen.ir.backward import training_plan
 from cellgen.ir.plan import FusedPlan, Loop, saved_array, size_name
 
-#: dtypes whose kernels call the rational tanh (float64 keeps libm's math.tanh).
-FAST_TANH_DTYPES = ("float32",)
 
 
 def _tanh_helper(dtype: str) -> dict[str, Any] | None:
@@ -68,9 +69,6 @@ def _kernels(plan: FusedPlan, schedule: CpuSchedule, dtype: str, ns: str = "") -
 def context(plan: FusedPlan) -> dict[str, Any]:
     """Everything ``templates/cpu/kernels.py.j2`` needs (under the module context's ``cpu``):
     the forward's kernels, and under ``train`` the forward that saves and the backward."""
-    from cellgen.backends.cpu.backward import backward_context  # the training stage's printing
-    from cellgen.ir.backward import training_plan
-
     training = training_plan(plan.spec)
     return {**forward_context(plan), "train": forward_context(training.forward, "_train"),
             "backward": backward_context(training)}

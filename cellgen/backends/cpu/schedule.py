@@ -47,6 +47,8 @@ from cellgen.ir.plan import (
 #: ``out[b, t, j]`` (a per-step view ``out[:, t]`` would be non-contiguous and not vectorize).
 CPU_ARRAYS = {PRE: "pre_t", X: "x_t"}
 CPU_ROWS = {OUT: "b, t"}
+#: dtypes whose kernels call the rational tanh (float64 keeps libm's math.tanh).
+FAST_TANH_DTYPES = ("float32",)
 #: The number of time steps of a call (``T`` in the kernels).
 STEPS = sympy.Symbol("T", integer=True, positive=True)
 

@@ -1,0 +1,78 @@
+"""The differential fuzzer for training: random legal specs, their gradients against finite
+differences of the fuzzer's own evaluator (tests/fuzz_specs.py, written from the DSL's trees, not
+from the generator), in float64.
+
+For each drawn spec, every parameter, the inputs and each initial state get a directional check:
+``<grad, V>`` against ``(L(A + eps V) - L(A - eps V)) / (2 eps)`` for a random direction ``V``,
+relative to ``|grad| |V|``, at most 1e-6; and the fused cpu backward must equal the unfused
+reference one. ``CELLGEN_TRAIN_FUZZ_EXAMPLES`` (default 50), ``CELLGEN_FUZZ_EXCLUDE`` and
+``CELLGEN_FUZZ_SEED`` work as in tests/test_fuzz.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from fuzz_specs import Evaluator, build_spec, degenerate, load_cell, random_inputs, specs
+from gradcheck import EPS, linear_loss, relative_error
+from hypothesis import HealthCheck, Phase, assume, given, seed, settings
+
+EXAMPLES = int(os.environ.get("CELLGEN_TRAIN_FUZZ_EXAMPLES", "50"))
+EXCLUDE = frozenset(c for c in os.environ.get("CELLGEN_FUZZ_EXCLUDE", "").split(",") if c)
+SEED = int(os.environ.get("CELLGEN_FUZZ_SEED", "0"))
+PHASES = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("CELLGEN_FUZZ_SHRINK") else [])
+TOL = 1e-6
+
+
+def directional_error(loss, value: np.ndarray, grad: np.ndarray, rng: np.random.Generator) -> float:
+    """|<grad, V> - central difference along V| / (|grad| |V|) for a random direction V."""
+    v = rng.standard_normal(value.shape)
+    keep = value.copy()
+    value += EPS * v
+    up = loss()
+    value[...] = keep - EPS * v
+    down = loss()
+    value[...] = keep
+    fd = (up - down) / (2 * EPS)
+    scale = float(np.linalg.norm(grad) * np.linalg.norm(v))
+    return abs(float(np.sum(grad * v)) - fd) / max(scale, 1e-9)
+
+
+@seed(SEED)
+@settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False, print_blob=True, phases=PHASES,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(fz=specs(exclude=EXCLUDE))
+def test_random_spec_gradients_equal_finite_differences(fz, tmp_path_factory: pytest.TempPathFactory) -> None:
+    folder = tmp_path_factory.mktemp("train_fuzz")
+    probe = folder / "probe.py"
+    probe.write_text(fz.text)
+    assume(not degenerate(probe))
+    path, module = build_spec(fz.text, folder)
+    ev = Evaluator(load_cell(path), fz.input_size, fz.num_units, fz.sizes)
+    params, inputs, lengths, initial = random_inputs(ev, fz, np.dtype(np.float64))
+    out, states = ev.dynamic_rnn(params, inputs, lengths, initial, fz.hyper)
+    rng = np.random.default_rng(fz.seed + 1)
+    r_out = rng.standard_normal(np.shape(out))
+    r_states = [rng.standard_normal(np.shape(s)) for s in states]
+
+    def loss() -> float:
+        return linear_loss(*ev.dynamic_rnn(params, inputs, lengths, initial, fz.hyper), r_out, r_states)
+
+    grads = {}
+    for backend in ("cpu", "reference"):
+        (got_out, _), backward = module.dynamic_rnn_vjp(params, inputs, sequence_length=lengths,
+                                                        initial_state=module.State(*initial), backend=backend,
+                                                        **fz.hyper)
+        np.testing.assert_allclose(got_out, out, rtol=1e-10, atol=1e-10)
+        g = backward(r_out, module.State(*r_states))
+        grads[backend] = {**{f"params[{k}]": v for k, v in g.params.items()}, "inputs": g.inputs,
+                          **{f"initial_state.{n}": s for n, s in zip(module.STATE, g.initial_state, strict=True)}}
+    values = {**{f"params[{k}]": v for k, v in params.items()}, "inputs": inputs,
+              **{f"initial_state.{n}": s for n, s in zip(module.STATE, initial, strict=True)}}
+    errors = {name: directional_error(loss, values[name], grads["cpu"][name], rng) for name in values}
+    bad = {k: f"{v:.2e}" for k, v in errors.items() if not v <= TOL}
+    assert not bad, f"directional finite differences disagree (relative error above {TOL}): {bad}"
+    for name, want in grads["reference"].items():
+        assert relative_error(grads["cpu"][name], want) <= 1e-10, f"cpu and reference differ in {name}"
