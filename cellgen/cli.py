@@ -29,11 +29,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     from cellgen.build import compile_spec
-    from cellgen.tools.show import describe
+    from cellgen.ir.backward import training_plan
+    from cellgen.tools.show import describe, describe_training
 
     for path in args.specs:
-        _, plan = compile_spec(path, args.timeout)
+        spec, plan = compile_spec(path, args.timeout)
         print(describe(plan, batch=args.batch, sizes=_sizes(args.size)))
+        print(describe_training(training_plan(spec), batch=args.batch, sizes=_sizes(args.size)))
     return 0
 
 
@@ -84,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
                    help="fail if a generated file is missing or stale, or its spec is gone")
     _add_timeout(b)
     b.set_defaults(fn=_cmd_build)
-    s = sub.add_parser("show", help="print the fused plan: stages, weights, hoisting, epilogues, FLOPs")
+    s = sub.add_parser("show", help="print the fused plan (stages, weights, hoisting, epilogues, FLOPs) and its training plan")
     s.add_argument("specs", nargs="+")
     s.add_argument("--batch", type=int, default=64, help="batch size for the FLOP count (default 64)")
     s.add_argument("--size", action="append", metavar="NAME=INT",

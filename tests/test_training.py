@@ -206,3 +206,36 @@ def test_no_state_adjoint_means_zeros() -> None:
     h = again(r_out, case.mod.State(np.zeros_like(state.h)))
     for k in g.params:
         np.testing.assert_array_equal(g.params[k], h.params[k])
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_recompute_gives_the_same_gradients(name: str) -> None:
+    """recompute=True (block checkpoints, here 3 + 2 steps): the same numbers as saving every step."""
+    case = make_case(name, seed=13)
+    (out, state), backward = vjp(case, "cpu")
+    (out_r, state_r), backward_r = vjp(case, "cpu", recompute=True)
+    np.testing.assert_array_equal(out_r, out)
+    for a, b in zip(state_r, state, strict=True):
+        np.testing.assert_array_equal(a, b)
+    r_out, r_states = weights(out, state)
+    g, g_r = backward(r_out, case.mod.State(*r_states)), backward_r(r_out, case.mod.State(*r_states))
+    assert relative_error(g_r.inputs, g.inputs) <= 1e-12
+    for k in g.params:
+        assert relative_error(g_r.params[k], g.params[k]) <= 1e-12, k
+    for a, b in zip(g_r.initial_state, g.initial_state, strict=True):
+        assert relative_error(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize("name", ["qrnn", "lstm", "gru"])
+def test_recompute_gradients_equal_finite_differences(name: str) -> None:
+    case = make_case(name, seed=17)
+    (out, state), backward = vjp(case, "cpu", recompute=True)
+    r_out, r_states = weights(out, state)
+    g = backward(r_out, case.mod.State(*r_states))
+
+    def loss() -> float:
+        return linear_loss(*run(case, "cpu"), r_out, r_states)
+
+    values = {**case.params, "inputs": case.inputs, **dict(zip(case.mod.STATE, case.initial, strict=True))}
+    grads = {**g.params, "inputs": g.inputs, **dict(zip(case.mod.STATE, g.initial_state, strict=True))}
+    check_against_fd(loss, grads, values)

@@ -1,11 +1,13 @@
-"""`cellgen show`: the fused plan as a person reads it (stages, weights, hoisting, epilogues, FLOPs)."""
+"""`cellgen show`: the fused plan as a person reads it (stages, weights, hoisting, epilogues, FLOPs),
+and its training plan (what the forward saves, the reverse step, the GEMMs after it)."""
 
 from __future__ import annotations
 
 import sympy
 
 from cellgen.frontend.dsl import INPUT_SIZE, NUM_UNITS
-from cellgen.ir.plan import FusedPlan
+from cellgen.ir.backward import TrainingPlan
+from cellgen.ir.plan import FusedPlan, GemmKind
 from cellgen.codegen.printing import display_index as print_index
 
 
@@ -81,4 +83,53 @@ def describe(plan: FusedPlan, batch: int = 64, sizes: dict[str, int] | None = No
     in_place = [n for n in plan.recurrent_states if n not in plan.double_buffered]
     lines.append(f"states updated in place: {', '.join(in_place) or 'none'}"
                  f"; double-buffered: {', '.join(plan.double_buffered) or 'none'}")
+    return "\n".join(lines)
+
+
+def saved_bytes(tp: TrainingPlan, batch: int, sizes: dict[sympy.Symbol, int], itemsize: int) -> dict[str, int]:
+    """Bytes per time step the training forward saves: each saved value, and ``recompute``'s
+    per-step share (the states only, kept at block starts)."""
+    per = {sv.name: int(batch * itemsize * sympy.sympify(sv.width).subs(sizes)) for sv in tp.saved}
+    states = sum(per[sv.name] for sv in tp.saved if sv.kind == "state")
+    return {**per, "total": sum(per.values()), "states": states}
+
+
+def describe_training(tp: TrainingPlan, batch: int = 64, sizes: dict[str, int] | None = None) -> str:
+    """The training plan: what the forward saves (bytes per step), the reverse step, the GEMMs after it."""
+    plan, spec = tp.backward, tp.backward.spec
+    given = dict(sizes or {})
+    numeric = {INPUT_SIZE: given.get("input_size", 256), NUM_UNITS: given.get("num_units", 256)}
+    for s in spec.sizes:
+        numeric[s] = given.get(str(s), numeric[NUM_UNITS])
+    f32, f64 = saved_bytes(tp, batch, numeric, 4), saved_bytes(tp, batch, numeric, 8)
+    lines = ["", f"training (dynamic_rnn_vjp) of {spec.name}:",
+             "  the forward saves per step: " + ", ".join(f"{sv.array}[B, {_dims(sv.width, numeric)}] ({sv.kind})"
+                                                     for sv in tp.saved),
+             f"  = {f32['total']:,} bytes per step float32 ({f64['total']:,} float64) at batch={batch}; "
+             f"recompute=True keeps the states at block starts ({f32['states']:,} bytes per checkpointed step "
+             f"float32) plus one block's saved values",
+             "  reverse step: " + " -> ".join(
+                 f"epilogue {i}" if k == "epilogue" else f"d_operands{tp.stages[i]} = dg{tp.stages[i]}[t] @ "
+                 f"W{tp.stages[i]}^T" for k, i in plan.schedule())]
+    for e in plan.epilogues:
+        for loop in e.loops:
+            lines.append(f"  backward epilogue {e.index}, loop over {print_index(loop.domain)} units "
+                         f"({loop.ops} ops/unit):")
+            for sym, expr in loop.temps:
+                lines.append(f"      {sym} = {expr}")
+            for st in loop.stores:
+                lines.append(f"      {st.target} = {st.value}")
+    lines.append("  after the loop, ONE GEMM each over all T*B rows:")
+    for w in tp.weight_grads:
+        g = next(g for g in plan.gemms if g.stage == w.stage)
+        lines.append(f"      d W{w.stage} [{_dims(g.rows, numeric)}, {_dims(g.width, numeric)}] = "
+                     f"{w.rows}^T @ {w.d_gates}  ({g.kind.value} -> {GemmKind.WEIGHT_GRAD.value})")
+    if plan.hoisted is not None:
+        h = plan.hoisted
+        lines.append(f"      d W_hoisted [{_dims(h.rows, numeric)}, {_dims(h.width, numeric)}] = x^T @ dpre; "
+                     f"d inputs = dpre @ W_hoisted^T")
+    for b in tp.bias_grads:
+        lines.append(f"      d {b.bias} = column sums of {b.array}[..., {print_index(b.col)}..+{print_index(b.width)}]")
+    for p in tp.unit_params:
+        lines.append(f"      d {p} = sum over rows and steps of dp_{p}")
     return "\n".join(lines)
