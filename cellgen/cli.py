@@ -86,7 +86,8 @@ def parser() -> argparse.ArgumentParser:
                    help="fail if a generated file is missing or stale, or its spec is gone")
     _add_timeout(b)
     b.set_defaults(fn=_cmd_build)
-    s = sub.add_parser("show", help="print the fused plan (stages, weights, hoisting, epilogues, FLOPs) and its training plan")
+    s = sub.add_parser("show", help="print the fused plan (stages, weights, hoisting, epilogues, FLOPs) "
+                                    "and its training plan")
     s.add_argument("specs", nargs="+")
     s.add_argument("--batch", type=int, default=64, help="batch size for the FLOP count (default 64)")
     s.add_argument("--size", action="append", metavar="NAME=INT",
