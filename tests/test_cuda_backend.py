@@ -101,8 +101,8 @@ def _args(kernel) -> list[str]:
 
 
 def _render(layout: CudaLayout) -> str:
-    """The CUDA template alone, from a layout (``sizes_from_dict`` as the module template binds it)."""
-    return environment().get_template("cuda/kernels.py.j2").render(cuda=layout_context(layout),
+    """The CUDA forward's template alone, from a layout (``sizes_from_dict`` as the module template binds it)."""
+    return environment().get_template("cuda/forward.py.j2").render(cuda=layout_context(layout),
                                                                    sizes_from_dict="pass")
 
 
@@ -143,7 +143,7 @@ def test_lstm_layout() -> None:
     wide = dataclasses.replace(stage1, block=(64, 2), gemm=dataclasses.replace(g1, block=(64, 2), tile_k=64),
                                masked=False)
     text = _render(dataclasses.replace(layout, kernels=(stage0, wide)))
-    assert "block_stage1 = (64, 2)" in text and '"stage1": (64, 2)' in text
+    assert "block_stage1 = (64, 2)" in text and "grid_stage1 = (_rtc.blocks(n_num_proj, 64), _rtc.blocks(B, 2))" in text
     assert "_sw = cuda.shared.array((64, 64), np.float32)" in text and "for _q in range(64):" in text
     assert "    j = cuda.blockIdx.x * 64 + _tx\n    b = cuda.blockIdx.y * 2 + _ty" in text
     assert "out_t[b, j] = np.float32(0.0)" not in text  # no masked branch
@@ -186,7 +186,7 @@ def test_generated_modules_launch_the_runtime_gemm(spec: Path) -> None:
     assert "pre = _cuda_gemm.hoisted_gemm(xs, weights.hoisted, weights.bias)" in cuda_part
     constants = {node.targets[0].id: node.value for node in ast.parse(text).body
                  if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
-    assert ast.literal_eval(constants["_CUDA_RUNTIME"]) == ("hoisted",)
+    assert ast.literal_eval(constants["_CUDA_RUNTIME"]) == ("hoisted", "hoisted_tn")  # + the backward's a^T @ w
     args = ast.literal_eval(constants["_CUDA_ARGS"])
     layout = cuda_layout(_plan(name))
     for kernel in layout.kernels:  # _CUDA_ARGS is the layout's, argument for argument

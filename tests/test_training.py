@@ -10,65 +10,15 @@ random specs in tests/test_training_fuzz.py.
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 import pytest
-from gradcheck import linear_loss, numeric_gradient, relative_error
+from gradcheck import H, T, linear_loss, make_case, numeric_gradient, relative_error, run, vjp, weights
 
 import cellgen
 
 SHIPPED = ("basic_rnn", "basic_lstm", "gru", "gru_cudnn", "lstm", "qrnn", "qrnn_f", "qrnn_ifo")
 BACKENDS = ("cpu", "reference")
 TOL = 1e-6
-T, INPUT, H = 5, 3, 4
-SIZES = {"lstm": {"num_proj": 3}}
-#: hyperparameters that make every piece of the lstm's equations matter (both clips active)
-HYPER = {"lstm": {"cell_clip": 0.8, "proj_clip": 0.3}}
-
-
-@dataclass
-class Case:
-    mod: Any
-    params: dict[str, np.ndarray]
-    inputs: np.ndarray
-    lengths: np.ndarray
-    initial: Any
-    hyper: dict[str, float]
-    time_major: bool
-
-
-def make_case(name: str, *, time_major: bool = False, dtype=np.float64, seed: int = 0, input_size: int = INPUT,
-              lengths=(0, T, 2, 3)) -> Case:
-    mod = importlib.import_module(f"generated.{name}")
-    rng = np.random.default_rng(seed)
-    sizes = SIZES.get(name, {})
-    params = mod.init_params(input_size, H, dtype=np.float64, seed=seed, **sizes)
-    params = {k: (v + 0.2 * rng.standard_normal(v.shape)).astype(dtype) for k, v in params.items()}
-    shape = (T, len(lengths), input_size) if time_major else (len(lengths), T, input_size)
-    inputs = rng.standard_normal(shape).astype(dtype)
-    initial = mod.State(*(rng.standard_normal((len(lengths), n)).astype(dtype)
-                          for n in mod.state_size(H, input_size=input_size, **sizes)))
-    return Case(mod, params, inputs, np.array(lengths), initial, dict(HYPER.get(name, {})), time_major)
-
-
-def run(case: Case, backend: str, **kw):
-    return case.mod.dynamic_rnn(case.params, case.inputs, sequence_length=case.lengths,
-                                initial_state=case.initial, time_major=case.time_major, backend=backend,
-                                **case.hyper, **kw)
-
-
-def vjp(case: Case, backend: str, **kw):
-    return case.mod.dynamic_rnn_vjp(case.params, case.inputs, sequence_length=case.lengths,
-                                    initial_state=case.initial, time_major=case.time_major, backend=backend,
-                                    **case.hyper, **kw)
-
-
-def weights(out, states, seed: int = 1) -> tuple[np.ndarray, list[np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal(np.shape(out)), [rng.standard_normal(np.shape(s)) for s in states]
 
 
 def check_against_fd(loss, grads: dict[str, np.ndarray], values: dict[str, np.ndarray]) -> None:

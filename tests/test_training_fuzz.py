@@ -16,7 +16,7 @@ import os
 import numpy as np
 import pytest
 from fuzz_specs import Evaluator, build_spec, degenerate, load_cell, random_inputs, specs
-from gradcheck import EPS, linear_loss, relative_error
+from gradcheck import directional_error, linear_loss, relative_error
 from hypothesis import HealthCheck, Phase, assume, given, seed, settings
 
 EXAMPLES = int(os.environ.get("CELLGEN_TRAIN_FUZZ_EXAMPLES", "50"))
@@ -24,20 +24,6 @@ EXCLUDE = frozenset(c for c in os.environ.get("CELLGEN_FUZZ_EXCLUDE", "").split(
 SEED = int(os.environ.get("CELLGEN_FUZZ_SEED", "0"))
 PHASES = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("CELLGEN_FUZZ_SHRINK") else [])
 TOL = 1e-6
-
-
-def directional_error(loss, value: np.ndarray, grad: np.ndarray, rng: np.random.Generator) -> float:
-    """|<grad, V> - central difference along V| / (|grad| |V|) for a random direction V."""
-    v = rng.standard_normal(value.shape)
-    keep = value.copy()
-    value += EPS * v
-    up = loss()
-    value[...] = keep - EPS * v
-    down = loss()
-    value[...] = keep
-    fd = (up - down) / (2 * EPS)
-    scale = float(np.linalg.norm(grad) * np.linalg.norm(v))
-    return abs(float(np.sum(grad * v)) - fd) / max(scale, 1e-9)
 
 
 @seed(SEED)

@@ -130,6 +130,17 @@ class TrainingPlan:
     writes_inputs: bool  # ... and store an elementwise part of their adjoint (dxa)
 
 
+def array_rows(tp: TrainingPlan, d_out: str = "b, t") -> dict[str, str]:
+    """How the backward kernels index each [T, B, n] array at step t, batch row b (the printers'
+    ``rows``): ``d_out`` is the outputs' adjoint layout (``"b, t"``: batch-major, ``"t, b"``: time-major)."""
+    now = "t + 1, b" if tp.delayed else "t, b"  # the arrays with x_{-1} first have T + 1 rows
+    rows = {sv.array: "t, b" for sv in tp.saved}
+    rows |= {d_gates_array(s): "t, b" for s in tp.stages} | {operand_rows_array(s): "t, b" for s in tp.stages}
+    rows |= {D_OUT: d_out, D_PRE: now, D_PRE_PREV: "t, b", X_ALL: now, X_ALL_PREV: "t, b", D_X: now,
+             D_X_PREV: "t, b"}
+    return rows
+
+
 def live_linears(plan: FusedPlan) -> tuple[Linear, ...]:
     gates = {g for g, _ in plan.gate_loads}
     return tuple(lin for lin in plan.spec.linears if str(lin.gates[0]) in gates)
@@ -144,6 +155,14 @@ def saved_values(plan: FusedPlan) -> tuple[Saved, ...]:
     states = tuple(Saved(n, spec.state(n).size, "state") for n in plan.recurrent_states)
     sizes = {str(g): lin.gate_size for lin in spec.linears for g in lin.gates}
     return states + tuple(Saved(g, sizes[g], "gate") for g, _ in plan.gate_loads)
+
+
+def saved_widths(plan: FusedPlan) -> list[tuple[str, sympy.Expr]]:
+    """Each value a plan's time loop saves (``TimeLoop.saved``) and its width."""
+    spec = plan.spec
+    widths = {s.name: s.size for s in spec.states} | {str(g): lin.gate_size for lin in spec.linears
+                                                        for g in lin.gates}
+    return [(n, widths[n]) for n in plan.time_loop.saved]
 
 
 def with_saves(plan: FusedPlan, saved: tuple[Saved, ...]) -> FusedPlan:

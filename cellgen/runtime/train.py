@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cellgen.runtime.driver import BackendRun, Call, CellInfo, backend_run
+from cellgen.runtime.driver import BackendRun, Call, CellInfo, backend_run, reverse_sequence
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,10 @@ class _Once:
 
 
 def _time_major(value, name: str, shape: tuple[int, int, int], time_major: bool, dtype) -> np.ndarray:
-    """A user's [B, T, n] (or [T, B, n]) adjoint as a contiguous [T, B, n] array of ``dtype``."""
+    """A user's [B, T, n] (or [T, B, n]) adjoint (host memory) as a contiguous [T, B, n] array of ``dtype``."""
     t, b, n = shape
     want = (t, b, n) if time_major else (b, t, n)
-    arr = np.asarray(value)
+    arr = value
     if arr.shape != want:
         layout = "[max_time, batch_size, output_size]" if time_major else "[batch_size, max_time, output_size]"
         raise ValueError(f"{name} must have the outputs' shape {layout} = {want}, got {arr.shape}")
@@ -67,10 +67,11 @@ def _time_major(value, name: str, shape: tuple[int, int, int], time_major: bool,
     return np.ascontiguousarray(arr if time_major else arr.transpose(1, 0, 2), dtype=dtype)
 
 
-def _state_adjoints(cell: CellInfo, d_state, states: list[np.ndarray], name: str) -> list[np.ndarray]:
-    """The final states' adjoints (None: zeros), one [B, size] array per state, STATE order."""
+def _state_adjoints(cell: CellInfo, d_state, states: list[Any], name: str, host) -> list[np.ndarray]:
+    """The final states' adjoints (None: zeros), one host [B, size] array per state, STATE order;
+    ``host`` makes an array (a device one too) a NumPy array."""
     if d_state is None:
-        return [np.zeros_like(s) for s in states]
+        return [np.zeros(tuple(s.shape), dtype=np.dtype(s.dtype)) for s in states]
     if isinstance(d_state, np.ndarray) or not isinstance(d_state, tuple | list):
         if len(states) == 1 and hasattr(d_state, "shape"):
             d_state = (d_state,)
@@ -80,10 +81,11 @@ def _state_adjoints(cell: CellInfo, d_state, states: list[np.ndarray], name: str
         raise ValueError(f"{name} must have {len(states)} states ({', '.join(cell.state)}), got {len(d_state)}")
     out = []
     for state, value, final in zip(cell.state, d_state, states, strict=True):
-        arr = np.zeros_like(final) if value is None else np.asarray(value)
-        if arr.shape != final.shape:
-            raise ValueError(f"{name}.{state} must have the final state's shape {final.shape}, got {arr.shape}")
-        out.append(np.array(arr, dtype=final.dtype, order="C"))
+        shape, dtype = tuple(final.shape), np.dtype(final.dtype)
+        arr = np.zeros(shape, dtype=dtype) if value is None else host(value)
+        if arr.shape != shape:
+            raise ValueError(f"{name}.{state} must have the final state's shape {shape}, got {arr.shape}")
+        out.append(np.array(arr, dtype=dtype, order="C"))
     return out
 
 
@@ -101,6 +103,7 @@ def vjp_call(cell: CellInfo, entry: BackendRun, call: Call, recompute: bool):
     finals = iter(finals)
     states = [entry.arrays.last_input(call, k) if delay else next(finals)
               for k, delay in enumerate(cell.input_state)]
+    lengths = entry.arrays.to_host(call.lengths)
 
     def backward(d_out: np.ndarray, d_states: list[np.ndarray]):
         grads, d_xs, d_init = back(d_out, [d for d, delay in zip(d_states, cell.input_state, strict=True)
@@ -108,9 +111,9 @@ def vjp_call(cell: CellInfo, entry: BackendRun, call: Call, recompute: bool):
         d_init = list(d_init)
         for k, delay in enumerate(cell.input_state):
             if delay:  # the final x_prev is the input at each row's last step; length 0: the initial one
-                rows = np.nonzero(call.lengths > 0)[0]
-                d_xs[call.lengths[rows] - 1, rows] += d_states[k][rows]
-                empty = call.lengths == 0
+                rows = np.nonzero(lengths > 0)[0]
+                d_xs[lengths[rows] - 1, rows] += d_states[k][rows]
+                empty = lengths == 0
                 d_init[k] = d_init[k] + np.where(empty[:, None], d_states[k], 0).astype(d_init[k].dtype)
         return grads, d_xs, d_init
 
@@ -125,15 +128,14 @@ def dynamic_rnn_vjp(cell: CellInfo, params, inputs, *, sequence_length=None, ini
     out, states, back = vjp_call(cell, entry, call, bool(recompute))
     outputs, state = entry.arrays.finish(cell, out, states, time_major, call)
     once = _Once("dynamic_rnn_vjp")
-    shape = out.shape
+    shape, host = tuple(out.shape), entry.arrays.to_host
 
     def backward(d_outputs, d_state=None) -> Gradients:
-        d_out = _time_major(d_outputs, "d_outputs", shape, time_major, out.dtype)
-        d_states = _state_adjoints(cell, d_state, states, "d_state")
+        d_out = _time_major(host(d_outputs), "d_outputs", shape, time_major, np.dtype(out.dtype))
+        d_states = _state_adjoints(cell, d_state, states, "d_state", host)
         once.check()
         grads, d_xs, d_init = back(d_out, d_states)
-        return Gradients(_like_params(grads, params), _like_inputs(d_xs, time_major),
-                         cell.state_class(*d_init))
+        return _gradients(entry, call, grads, params, d_xs, time_major, d_init, cell)
 
     return (outputs, state), backward
 
@@ -157,21 +159,25 @@ def bidirectional_dynamic_rnn_vjp(cell: CellInfo, params_fw, params_bw, inputs, 
     result_bw = arrays.finish(cell, arrays.reverse_sequence(out_bw, bw.lengths), states_bw, time_major, bw)
     once = _Once("bidirectional_dynamic_rnn_vjp")
 
+    host = arrays.to_host
+    lengths = host(bw.lengths)
+    dtype = np.dtype(out_fw.dtype)
+
     def backward(d_outputs, d_states=(None, None)) -> BidirectionalGradients:
         d_out_fw, d_out_bw = _pair(d_outputs, "d_outputs")
         d_state_fw, d_state_bw = _pair((None, None) if d_states is None else d_states, "d_states")
-        d_fw = _time_major(d_out_fw, "d_outputs[0]", out_fw.shape, time_major, out_fw.dtype)
-        d_bw = arrays.reverse_sequence(_time_major(d_out_bw, "d_outputs[1]", out_bw.shape, time_major,
-                                                   out_bw.dtype), bw.lengths)
-        ds_fw = _state_adjoints(cell, d_state_fw, states_fw, "d_states[0]")
-        ds_bw = _state_adjoints(cell, d_state_bw, states_bw, "d_states[1]")
+        d_fw = _time_major(host(d_out_fw), "d_outputs[0]", tuple(out_fw.shape), time_major, dtype)
+        d_bw = reverse_sequence(_time_major(host(d_out_bw), "d_outputs[1]", tuple(out_bw.shape), time_major, dtype),
+                                lengths)
+        ds_fw = _state_adjoints(cell, d_state_fw, states_fw, "d_states[0]", host)
+        ds_bw = _state_adjoints(cell, d_state_bw, states_bw, "d_states[1]", host)
         once.check()
         grads_fw, d_xs_fw, init_fw = back_fw(d_fw, ds_fw)
         grads_bw, d_xs_bw, init_bw = back_bw(d_bw, ds_bw)
-        d_xs = d_xs_fw + arrays.reverse_sequence(d_xs_bw, bw.lengths)
-        return BidirectionalGradients(_like_params(grads_fw, params_fw), _like_params(grads_bw, params_bw),
-                                      _like_inputs(d_xs, time_major), cell.state_class(*init_fw),
-                                      cell.state_class(*init_bw))
+        d_xs = d_xs_fw + reverse_sequence(d_xs_bw, lengths)
+        g_fw = _gradients(entry, fw, grads_fw, params_fw, d_xs, time_major, init_fw, cell)
+        g_bw = _gradients(entry, bw, grads_bw, params_bw, d_xs, time_major, init_bw, cell)
+        return BidirectionalGradients(g_fw.params, g_bw.params, g_fw.inputs, g_fw.initial_state, g_bw.initial_state)
 
     return ((result_fw[0], result_bw[0]), (result_fw[1], result_bw[1])), backward
 
@@ -180,6 +186,15 @@ def _pair(value, name: str) -> tuple[Any, Any]:
     if not isinstance(value, tuple | list) or len(value) != 2:
         raise ValueError(f"{name} must be a pair (forward, backward), got {type(value).__name__}")
     return value[0], value[1]
+
+
+def _gradients(entry: BackendRun, call: Call, grads: dict[str, np.ndarray], params, d_xs: np.ndarray,
+               time_major: bool, d_init: list[np.ndarray], cell: CellInfo) -> Gradients:
+    """The user's adjoints where the call's arrays live (device arrays for a device call's inputs
+    and states; parameters are host arrays, as the call's were checked), in the call's layout."""
+    inputs = entry.arrays.adjoint(call, _like_inputs(d_xs, time_major))
+    return Gradients(_like_params(grads, params), inputs,
+                     cell.state_class(*(entry.arrays.adjoint(call, d) for d in d_init)))
 
 
 def _like_params(grads: dict[str, np.ndarray], params) -> dict[str, np.ndarray]:

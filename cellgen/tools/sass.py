@@ -157,7 +157,8 @@ def inspect_runtime(names: list[str], archs: list[str], dtypes: list[str]) -> li
     from cellgen.backends.cuda import gemm
 
     gemm.cuda = cuda  # what gemm.kernel binds before jitting
-    kernels = {"hoisted": (gemm.source, gemm.ARGS, gemm.BLOCK)}
+    kernels = {"hoisted": (gemm.source, gemm.ARGS, gemm.BLOCK),
+               "hoisted_tn": (lambda dtype: gemm.source(dtype, transpose_a=True), gemm.ARGS, gemm.BLOCK)}
     return [_report("runtime", name, kernels[name][0](dtype), kernels[name][1], kernels[name][2], dtype, arch)
             for dtype in dtypes for name in names for arch in archs]
 

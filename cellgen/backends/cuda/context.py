@@ -19,7 +19,9 @@ from cellgen.backends.cuda.layout import (
     cuda_layout,
     gate_of,
 )
+from cellgen.backends.cuda.backward import backward_context
 from cellgen.codegen.loops import STEP_VIEWS, KernelPrinter
+from cellgen.ir.backward import saved_widths, training_plan
 from cellgen.codegen.printing import DTYPES, NumbaPrinter, print_index
 from cellgen.ir.plan import (
     OUT,
@@ -31,6 +33,7 @@ from cellgen.ir.plan import (
     FusedPlan,
     hyper_name,
     new_state_array,
+    saved_array,
     state_array,
 )
 
@@ -51,8 +54,9 @@ class CudaPrinter(NumbaPrinter):
     """
 
     def __init__(self, dtype: str, batched: tuple[str, ...],
-                 accumulators: dict[str, tuple[sympy.Expr, tuple[str, ...]]] | None = None) -> None:
-        super().__init__(dtype, batched, row="b", arrays=STEP_VIEWS)
+                 accumulators: dict[str, tuple[sympy.Expr, tuple[str, ...]]] | None = None,
+                 rows: dict[str, str] | None = None) -> None:
+        super().__init__(dtype, batched, row="b", arrays=STEP_VIEWS, rows=rows)
         self.accumulators = accumulators or {}
 
     def _print_Indexed(self, expr: sympy.Indexed) -> str:
@@ -70,9 +74,10 @@ class CudaKernelPrinter(KernelPrinter):
     """The CPU's loop printer with a :class:`CudaPrinter` (same statements, accumulator reads)."""
 
     def __init__(self, plan: FusedPlan, dtype: str,
-                 accumulators: dict[str, tuple[sympy.Expr, tuple[str, ...]]] | None = None) -> None:
+                 accumulators: dict[str, tuple[sympy.Expr, tuple[str, ...]]] | None = None,
+                 rows: dict[str, str] | None = None) -> None:
         self.plan = plan
-        self.printer = CudaPrinter(dtype, plan.batched_arrays, accumulators)
+        self.printer = CudaPrinter(dtype, plan.batched_arrays, accumulators, rows)
 
 
 def _indent(text: str, n: int = 4) -> str:
@@ -92,7 +97,9 @@ def _accumulators(kernel: CudaKernel) -> tuple[str, ...]:
 def _bodies(plan: FusedPlan, kernel: CudaKernel, dtype: str) -> tuple[str, str]:
     """(body, masked body) of the kernel's loops at one (row b, unit j), for ``dtype``."""
     accs = _accumulators(kernel)
-    kp = CudaKernelPrinter(plan, dtype, {kernel.gemm.result: (kernel.gemm.units, accs)} if kernel.gemm else None)
+    rows = {saved_array(n): "t, b" for n in plan.time_loop.saved}  # a training forward's [T, B, n] saves
+    kp = CudaKernelPrinter(plan, dtype, {kernel.gemm.result: (kernel.gemm.units, accs)} if kernel.gemm else None,
+                           rows)
     body, masked = [], []
     for loop in kernel.loops:
         for text, out in ((kp.loop(loop), body), (kp.masked_loop(loop), masked)):
@@ -102,11 +109,12 @@ def _bodies(plan: FusedPlan, kernel: CudaKernel, dtype: str) -> tuple[str, str]:
     return "\n".join(body), "\n".join(masked)
 
 
-def _printed(plan: FusedPlan, kernel: CudaKernel, dtype: str) -> dict[str, Any]:
+def _printed(plan: FusedPlan, kernel: CudaKernel, dtype: str, prefix: str = "") -> dict[str, Any]:
     """One kernel's source pieces for ``dtype``."""
     body, masked = _bodies(plan, kernel, dtype)
     out: dict[str, Any] = {
-        "name": kernel.name, "args": list(kernel.arg_names), "block": list(kernel.block), "stage": kernel.stage,
+        "name": prefix + kernel.name, "args": list(kernel.arg_names), "block": list(kernel.block),
+        "stage": kernel.stage,
         "scan": not kernel.per_step,
         "views": [VIEW_LINES[v] for v in kernel.views], "body": body, "masked": masked,
         "runs_epilogue": kernel.runs_epilogue, "has_masked": kernel.masked, "epilogue": kernel.epilogue,
@@ -128,24 +136,28 @@ def _printed(plan: FusedPlan, kernel: CudaKernel, dtype: str) -> dict[str, Any]:
     return out
 
 
-def _launch(kernel: CudaKernel) -> dict[str, Any]:
+def _launch(kernel: CudaKernel, prefix: str = "") -> dict[str, Any]:
     """How the host launches a kernel (dtype-independent)."""
     return {
-        "name": kernel.name, "args": list(kernel.arg_names), "kinds": [[a.name, a.kind] for a in kernel.args],
+        "name": prefix + kernel.name, "args": list(kernel.arg_names), "kinds": [[a.name, a.kind] for a in kernel.args],
         "block": list(kernel.block), "grid": [_extent(kernel.grid[0]), print_index(kernel.grid[1], {BATCH: "B"})],
     }
 
 
-def layout_context(layout: CudaLayout) -> dict[str, Any]:
-    """Everything ``templates/cuda/kernels.py.j2`` needs from a layout, as plain values."""
+def layout_context(layout: CudaLayout, ns: str = "") -> dict[str, Any]:
+    """Everything ``templates/cuda/forward.py.j2`` needs from a layout, as plain values; ``ns``
+    ("" or "_train") ends the host function's name and starts every kernel's (``train_stage0``)."""
     plan = layout.plan
     spec = plan.spec
     state_names = [s.name for s in spec.states]
+    prefix = f"{ns.strip('_')}_" if ns else ""
     return {
+        "ns": ns,
+        "saved": [{"name": saved_array(n), "width": print_index(w)} for n, w in saved_widths(plan)],
         "block": list(layout.block),
         "dtypes": [{"dtype": dtype, "np_dtype": DTYPES[dtype], "zero": NumbaPrinter(dtype).doprint(sympy.Integer(0)),
-                    "kernels": [_printed(plan, k, dtype) for k in layout.kernels]} for dtype in DTYPES],
-        "launches": [_launch(k) for k in layout.kernels],
+                    "kernels": [_printed(plan, k, dtype, prefix) for k in layout.kernels]} for dtype in DTYPES],
+        "launches": [_launch(k, prefix) for k in layout.kernels],
         "scan": layout.scan,
         "gates": list(layout.gates),
         "weights": [{"array": w, "index": s} for s, w in enumerate(layout.weights)],
@@ -165,5 +177,8 @@ def layout_context(layout: CudaLayout) -> dict[str, Any]:
 
 
 def context(plan: FusedPlan) -> dict[str, Any]:
-    """The backend's template context: :func:`layout_context` of :func:`cuda_layout`."""
-    return layout_context(cuda_layout(plan))
+    """The backend's template context: :func:`layout_context` of :func:`cuda_layout`, and under
+    ``train`` the forward that saves and under ``backward`` the reverse loop's kernels."""
+    training = training_plan(plan.spec)
+    return {**layout_context(cuda_layout(plan)), "train": layout_context(cuda_layout(training.forward), "_train"),
+            "backward": backward_context(training)}

@@ -33,13 +33,15 @@ BLOCK = (THREADS, THREADS)
 ARGS = (("a", "array2"), ("w", "array2"), ("bias", "array1"), ("c", "array2"))
 
 cuda = None  # numba.cuda, bound by kernel() (the kernel source reads it; the simulator swaps it)
-_JITTED: dict[np.dtype, Any] = {}
+_JITTED: dict[tuple[np.dtype, bool], Any] = {}
 
 
-def source(dtype) -> Callable:
+def source(dtype, transpose_a: bool = False) -> Callable:
     """The hoisted GEMM for ``dtype`` as a plain function (``cuda.jit`` compiles it; so does ``cellgen inspect``).
 
     Its element type and zero are constants of the closure: numba compiles them as literals.
+    ``transpose_a``: ``a`` is given as [K, M] (``a^T @ w``: the backward's weight gradients over all
+    T*B rows, operands^T @ d_gates).
     """
     real = np.dtype(dtype).type
     zero = real(0.0)
@@ -54,7 +56,7 @@ def source(dtype) -> Callable:
         _n0 = cuda.blockIdx.x * TILE
         _M = c.shape[0]
         _N = c.shape[1]
-        _K = a.shape[1]
+        _K = a.shape[0] if transpose_a else a.shape[1]
         _sa = cuda.shared.array((TILE, A_COLUMNS), real)
         _sw = cuda.shared.array((TILE_K, TILE), real)
         _acc = cuda.local.array((PER_THREAD, PER_THREAD), real)
@@ -65,7 +67,10 @@ def source(dtype) -> Callable:
             for _e in range(_tid, TILE_ELEMENTS, BLOCK_THREADS):
                 _r = _e // TILE_K
                 _q = _e - _r * TILE_K
-                _sa[_r, _q] = a[_m0 + _r, _k0 + _q] if _m0 + _r < _M and _k0 + _q < _K else zero
+                if transpose_a:
+                    _sa[_r, _q] = a[_k0 + _q, _m0 + _r] if _m0 + _r < _M and _k0 + _q < _K else zero
+                else:
+                    _sa[_r, _q] = a[_m0 + _r, _k0 + _q] if _m0 + _r < _M and _k0 + _q < _K else zero
                 _q = _e // TILE
                 _r = _e - _q * TILE
                 _sw[_q, _r] = w[_k0 + _q, _n0 + _r] if _k0 + _q < _K and _n0 + _r < _N else zero
@@ -86,14 +91,22 @@ def source(dtype) -> Callable:
     return hoisted_gemm
 
 
-def kernel(dtype) -> Any:
-    """The jitted hoisted GEMM for ``dtype``: imports numba.cuda (and binds ``cuda``) on first use."""
+def kernel(dtype, transpose_a: bool = False) -> Any:
+    """The jitted GEMM for ``dtype``: imports numba.cuda (and binds ``cuda``) on first use."""
     global cuda
-    dtype = np.dtype(dtype)
-    if dtype not in _JITTED:
+    key = (np.dtype(dtype), transpose_a)
+    if key not in _JITTED:
         cuda = rt.numba_cuda()
-        _JITTED[dtype] = cuda.jit(source(dtype))
-    return _JITTED[dtype]
+        _JITTED[key] = cuda.jit(source(dtype, transpose_a))
+    return _JITTED[key]
+
+
+def matmul(a, w, bias, c, transpose_a: bool = False) -> Any:
+    """``c = a @ w + bias`` (``a^T @ w + bias`` with ``transpose_a``) into the device array ``c`` [M, N]."""
+    if c.shape[0] and c.shape[1]:
+        grid = (rt.blocks(c.shape[1], TILE), rt.blocks(c.shape[0], TILE))
+        kernel(c.dtype, transpose_a)[grid, BLOCK](a, w, bias, c)
+    return c
 
 
 def hoisted_gemm(xs, weight, bias) -> Any:

@@ -42,6 +42,7 @@ from cellgen.ir.plan import (
     Store,
     hyper_name,
     new_state_array,
+    saved_array,
     size_name,
     state_array,
 )
@@ -342,6 +343,7 @@ def arg_order(plan: FusedPlan) -> tuple[KernelArg, ...]:
     args += [KernelArg(state_array(n), "array2") for n in plan.recurrent_states]
     args += [KernelArg(new_state_array(n), "array2") for n in plan.recurrent_states]
     args.append(KernelArg("out", "array3"))
+    args += [KernelArg(saved_array(n), "array3") for n in plan.time_loop.saved]  # a training forward's saves
     return tuple(args)
 
 

@@ -69,6 +69,11 @@ def empty(shape: tuple[int, ...], dtype) -> Any:
     return numba_cuda().device_array(tuple(int(d) for d in shape), dtype=np.dtype(dtype))
 
 
+def zeros(shape: tuple[int, ...], dtype) -> Any:
+    """A zero-filled device array."""
+    return numba_cuda().to_device(np.zeros(tuple(int(d) for d in shape), dtype=np.dtype(dtype)))
+
+
 def copy(a) -> Any:
     """A new device array with a device array's contents (device to device)."""
     out = empty(a.shape, a.dtype)
@@ -297,6 +302,13 @@ class DeviceArrays:
         if call.on_host:
             return out.copy_to_host(), cell.state_class(*(s.copy_to_host() for s in states))
         return out, cell.state_class(*states)
+
+    def to_host(self, a) -> np.ndarray:
+        return to_host(a)
+
+    def adjoint(self, call: DeviceCall, a: np.ndarray) -> Any:
+        """A gradient (computed into host memory) as the call's arrays: a device array for device inputs."""
+        return a if call.on_host else as_device(np.ascontiguousarray(a))
 
 
 DEVICE = DeviceArrays()
