@@ -147,7 +147,6 @@ def derive(spec: CellSpec, live: tuple[Linear, ...], delay: str | None) -> StepA
             if not is_hoisted_operand(spec, delay, op) and op not in operands:
                 operands.append(op)
     d_opnd = {op: sympy.Symbol(f"d_opnd_{k}", real=True) for k, op in enumerate(operands)}
-    update_line = {name: line for name, _, line in spec.updates}
     produced: list[tuple[sympy.Expr, sympy.Symbol, tuple[str, int, str]]] = []
     for name, expr, line in spec.updates:
         if name in d_new:
@@ -156,7 +155,6 @@ def derive(spec: CellSpec, live: tuple[Linear, ...], delay: str | None) -> StepA
     line_of_operand = {op: lin.line for lin in live for op in lin.operands}
     for op in operands:
         produced.append((op, d_opnd[op], (spec.path, line_of_operand[op], "linear operand")))
-    del update_line
 
     def adjoint(leaf: sympy.Symbol) -> sympy.Expr:
         return sympy.Add(*(adj * derivative(expr, leaf, where) for expr, adj, where in produced))

@@ -28,11 +28,10 @@ from dataclasses import dataclass
 import sympy
 
 from cellgen.frontend.spec import CellSpec, Linear
-from cellgen.ir.adjoint import StepAdjoint, derive, is_hoisted_operand
+from cellgen.ir.adjoint import StepAdjoint, derive
 from cellgen.ir.analysis import analyse
-from cellgen.ir.passes import run_passes
+from cellgen.ir.passes import eliminate_common_subexpressions, run_passes, stabilise
 from cellgen.ir.plan import (
-    OUT,
     PRE,
     PRE_PREV,
     UNIT,
@@ -240,12 +239,11 @@ class _Backward:
         return table
 
     # -- the gates' adjoints: where each is stored ------------------------------------------
-    def gate_targets(self, gate: str) -> tuple[int, list[sympy.Indexed], list[BiasGrad]]:
-        """The gate's level (the forward epilogue its value is first complete in), the arrays
-        its adjoint goes to (at unit j), and the bias gradients read off them."""
+    def gate_targets(self, gate: str) -> tuple[int, list[sympy.Indexed]]:
+        """The gate's level (the forward epilogue its value is first complete in) and the arrays
+        its adjoint goes to (at unit j): where its value was read from."""
         load = dict(self.plan0.gate_loads)[gate]
         targets, level = [], 0
-        biases: list[BiasGrad] = []
         for term in sympy.Add.make_args(load):
             (index,) = term.indices
             base = str(term.base)
@@ -257,7 +255,7 @@ class _Backward:
                 stage = int(base[3:])
                 level = max(level, stage + 1)
                 targets.append(_at(d_gates_array(stage), index))
-        return level, targets, biases
+        return level, targets
 
     def plan(self) -> TrainingPlan:
         spec, adj, plan = self.spec, self.adj, self.plan0
@@ -267,8 +265,10 @@ class _Backward:
         gate_size = {str(g): lin.gate_size for lin in spec.linears for g in lin.gates}
         for lin in live_linears(plan):
             for g in lin.gates:
-                level, targets, _ = self.gate_targets(str(g))
+                level, targets = self.gate_targets(str(g))
                 value = adj.gates[g].xreplace(loads)
+                if value == 0:  # a gate nothing reads: its d_gates stay zero
+                    continue
                 for target in targets:
                     stores[level].append((gate_size[str(g)], Store(target, value, None)))
         for name, expr in adj.states.items():
@@ -278,7 +278,7 @@ class _Backward:
             acc = _at(param_adjoint_array(name), UNIT)
             size = next(p.size for p in spec.params if p.name == name)
             stores[0].append((size, Store(acc, acc + expr.xreplace(loads), None)))
-        reads_x = writes_x = False
+        writes_x = False
         for value, target in ((adj.x, D_X), (adj.x_prev, D_X_PREV)):
             if value != 0:
                 acc = _at(target, UNIT)
@@ -345,10 +345,5 @@ class _Backward:
 
 
 def _cse(plan: FusedPlan) -> FusedPlan:
-    """One ``sympy.cse`` per backward loop (the forward's pass, on the backward's stores)."""
-    from cellgen.ir.passes import eliminate_common_subexpressions, stabilise
-
+    """One ``sympy.cse`` per backward loop (the forward's passes, on the backward's stores)."""
     return eliminate_common_subexpressions(stabilise(plan))
-
-
-__all__ = ["D_OUT", "OUT", "TrainingPlan", "training_plan", "is_hoisted_operand"]
