@@ -64,7 +64,9 @@ def host_context(tp: TrainingPlan, used: set[str]) -> dict[str, Any]:
         "x_all": bool(used & {X_ALL, X_ALL_PREV}) or plan.hoisted is not None,
         "x_width": print_index(spec.input.size),
         "writes_x": bool(used & {D_X, D_X_PREV}),
-        "hoisted": None if plan.hoisted is None else {"width": print_index(plan.hoisted.width)},
+        "hoisted": None if plan.hoisted is None else {"width": print_index(plan.hoisted.width),
+                                                       "alias": None if tp.pre_alias is None
+                                                       else d_gates_array(tp.pre_alias)},
         "stages": [{"stage": s, "width": print_index(by_stage[s].width), "rows": print_index(by_stage[s].rows),
                     "operand_rows": saved_array(by_stage[s].direct_state) if by_stage[s].direct_state
                     else operand_rows_array(s), "stored_rows": by_stage[s].direct_state is None}

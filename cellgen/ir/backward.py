@@ -127,6 +127,7 @@ class TrainingPlan:
     delayed: bool  # the cell has a delay state: x arrays have T+1 rows, x_{-1} first
     reads_inputs: bool  # the backward epilogues read the inputs (x or x_prev)
     writes_inputs: bool  # ... and store an elementwise part of their adjoint (dxa)
+    pre_alias: int | None = None  # the stage whose d_gates array is dpre (TrainingPlan docs: _Backward.pre_alias)
 
 
 def array_rows(tp: TrainingPlan, d_out: str = "b, t") -> dict[str, str]:
@@ -263,6 +264,7 @@ class _Backward:
         n = len(plan.gemms)
         stores: dict[int, list[tuple[sympy.Expr, Store]]] = defaultdict(list)  # forward level -> stores
         gate_size = {str(g): lin.gate_size for lin in spec.linears for g in lin.gates}
+        alias = self.pre_alias()
         for lin in live_linears(plan):
             for g in lin.gates:
                 level, targets = self.gate_targets(str(g))
@@ -270,6 +272,8 @@ class _Backward:
                 if value == 0:  # a gate nothing reads: its d_gates stay zero
                     continue
                 for target in targets:
+                    if alias is not None and str(target.base) == D_PRE:  # dpre is dg{alias} itself
+                        continue
                     stores[level].append((gate_size[str(g)], Store(target, value, None)))
         for name, expr in adj.states.items():
             target = _at(adjoint_state_array(name), UNIT)
@@ -320,7 +324,24 @@ class _Backward:
         return TrainingPlan(
             forward=self.forward, backward=backward, saved=self.saved, stages=stages,
             weight_grads=tuple(weight_grads), bias_grads=self.bias_grads(), unit_params=tuple(adj.params),
-            delayed=self.delay is not None, reads_inputs=reads_x, writes_inputs=writes_x)
+            delayed=self.delay is not None, reads_inputs=reads_x, writes_inputs=writes_x, pre_alias=alias)
+
+    def pre_alias(self) -> int | None:
+        """The stage whose d_gates array IS dpre: every gate read from the hoisted columns is read from
+        that stage's columns at the same index and the other way round (a linear over [x, h]: basic_lstm,
+        lstm), so each adjoint is stored once and the hoisted weight GEMM reads the stage's array."""
+        plan = self.plan0
+        if plan.hoisted is None or plan.hoisted.delayed:
+            return None
+        for g in plan.gemms:
+            same = True
+            for _, load in plan.gate_loads:
+                pre = {t.indices[0] for t in sympy.Add.make_args(load) if str(t.base) == PRE}
+                rec = {t.indices[0] for t in sympy.Add.make_args(load) if str(t.base) == g.result}
+                same &= pre == rec
+            if same and sympy.simplify(plan.hoisted.width - g.width) == 0:
+                return g.stage
+        return None
 
     def bias_grads(self) -> tuple[BiasGrad, ...]:
         """Each bias's adjoint: the column sums of its linear's d_gates, wherever they are stored."""
