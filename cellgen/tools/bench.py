@@ -10,6 +10,20 @@ For each spec and shape, in one process, on the same float32 inputs and after wa
 * ``torch``          ``torch.nn.LSTM``/``GRU`` with the same weights, timed in a process of
                      its own (:mod:`cellgen.tools.bench_torch`) with the same thread count.
 
+With ``--train`` it times a training step instead (loss = sum(outputs)):
+
+* ``cellgen``        ``dynamic_rnn_vjp`` + ``backward(ones_like(outputs))`` (``--recompute``:
+                     ``recompute=True``);
+* ``kernel floor``   only the step's GEMMs: the forward's, the reverse loop's transposed
+                     recurrent GEMMs (packed micro-kernel, same threads) and the after-loop weight
+                     and input GEMMs (NumPy BLAS, as the generated backward);
+* ``torch``          forward + ``outputs.sum().backward()`` of ``torch.nn.LSTM``/``GRU`` or, for
+                     ``lstm`` and ``qrnn``, of an eager torch loop (:mod:`cellgen.tools.bench_torch`),
+                     with the outputs' and gradients' differences from cellgen's;
+
+and, for where the time goes, cellgen's plain forward, its forward that saves (the vjp call
+alone) and each part of the floor.
+
 Each implementation is timed in a block of its own after a short pause (BLAS thread pools
 keep spinning after a call and would steal the cores from the next one); best and median
 are reported, so compare ratios from one run only.
@@ -37,6 +51,14 @@ from cellgen import backends
 SHAPES = {"S1": (64, 100, 256, 256), "S2": (16, 200, 512, 512), "S3": (1, 1000, 128, 128),
           "S4": (256, 50, 128, 128)}
 IMPLS = ("cellgen", "kernel floor", "BLAS floor", "reference", "torch")
+#: ``--train``: the table's columns, then the breakdown's (cellgen's forward alone, its forward that
+#: saves, and the three parts of the training floor).
+TRAIN_IMPLS = ("cellgen", "kernel floor", "torch")
+TRAIN_PARTS = ("cellgen fwd", "vjp fwd", "floor fwd", "floor rev loop", "floor after loop")
+#: Sizes and hyperparameters of a spec in the bench (both modes; other specs: every extra size = H).
+#: lstm: a 128 projection (never above H) and both clips on, the issue's configuration.
+BENCH_SIZES: dict[str, Callable[[int], dict[str, int]]] = {"lstm": lambda h: {"num_proj": min(128, h)}}
+BENCH_HYPER: dict[str, dict[str, float]] = {"lstm": {"cell_clip": 3.0, "proj_clip": 3.0}}
 
 
 @dataclass
@@ -149,11 +171,32 @@ def _torch_times(module, params, inputs, expected, num_units: int, args) -> dict
     kind = TORCH_CELLS.get(module.NAME)
     if kind is None or args.no_torch:
         return None
+    return _torch_job(args, kind=kind, threads=args.threads, repeat=args.repeat, warmup=args.warmup, inputs=inputs,
+                      expected=expected, num_units=num_units, forget_bias=module.HYPER.get("forget_bias", 0.0),
+                      **{f"param:{k}": v for k, v in params.items()})
+
+
+def _torch_train_times(module, params, inputs, hyper, expected, grads, num_units: int,
+                       args) -> dict[str, object] | None:
+    """A torch training step (nn.LSTM/GRU, or an eager loop for lstm/qrnn) in a subprocess."""
+    from cellgen.tools.bench_torch import EAGER_CELLS, TORCH_CELLS
+
+    kind = TORCH_CELLS.get(module.NAME) or EAGER_CELLS.get(module.NAME)
+    if kind is None or args.no_torch:
+        return None
+    hyper = {**module.HYPER, **hyper}
+    return _torch_job(args, train=True, kind=kind, threads=args.threads, repeat=args.repeat, warmup=args.warmup,
+                      inputs=inputs, expected=expected, expected_d_inputs=grads.inputs, num_units=num_units,
+                      **{f"param:{k}": v for k, v in params.items()},
+                      **{f"grad:{k}": v for k, v in grads.params.items()},
+                      **{f"hyper:{k}": float(v) for k, v in hyper.items()})
+
+
+def _torch_job(args, **arrays) -> dict[str, object]:
+    """Run :mod:`cellgen.tools.bench_torch` on a job file of ``arrays``; its JSON line, or an error."""
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "job.npz"
-        np.savez(job, kind=kind, threads=args.threads, repeat=args.repeat, warmup=args.warmup, inputs=inputs,
-                 expected=expected, num_units=num_units, forget_bias=module.HYPER.get("forget_bias", 0.0),
-                 **{f"param:{k}": v for k, v in params.items()})
+        np.savez(job, **arrays)
         proc = subprocess.run([sys.executable, "-m", "cellgen.tools.bench_torch", str(job)], capture_output=True,
                               text=True, env=_child_env(args.threads))
     if proc.returncode != 0:
@@ -172,24 +215,18 @@ def _child_env(threads: int) -> dict[str, str]:
 def bench_one(spec_path: str, label: str, shape: tuple[int, int, int, int], args, progress: Progress) -> Result:
     """Every implementation on one spec and shape."""
     from cellgen.tools.bench_floor import blas_floor, kernel_floor, products
-    from cellgen.build import compile_spec
 
-    module = load_module(spec_path)
-    _, plan = compile_spec(spec_path)
+    module, plan, params, inputs, hyper, sizes = _setup(spec_path, shape)
     batch, max_time, input_size, num_units = shape
-    extra = {s: num_units for s in module.SIZES}
-    params = module.init_params(input_size, num_units, dtype=np.float32, seed=0, **extra)
-    inputs = np.random.default_rng(1).standard_normal((batch, max_time, input_size)).astype(np.float32)
-    result = Result(module.NAME, label, shape)
+    result = Result(module.NAME, label, shape, notes={"sizes": sizes, "hyper": hyper})
 
     start = time.perf_counter()
-    expected, _ = module.dynamic_rnn(params, inputs, backend=args.backend)
+    expected, _ = module.dynamic_rnn(params, inputs, backend=args.backend, **hyper)
     result.notes["first_call_s"] = time.perf_counter() - start
-    sizes = {"input_size": input_size, "num_units": num_units, **extra}
     prods = products(plan, batch, max_time, sizes)
-    fns = {"cellgen": lambda: module.dynamic_rnn(params, inputs, backend=args.backend),
+    fns = {"cellgen": lambda: module.dynamic_rnn(params, inputs, backend=args.backend, **hyper),
            "kernel floor": kernel_floor(prods), "BLAS floor": blas_floor(prods),
-           "reference": lambda: module.dynamic_rnn(params, inputs, backend="reference")}
+           "reference": lambda: module.dynamic_rnn(params, inputs, backend="reference", **hyper)}
     result.times.update(timed_blocks(fns, args.repeat, args.warmup, {"reference": min(args.repeat, 3)}))
     progress.step(f"{module.NAME} {label} in-process")
     torch = _torch_times(module, params, inputs, expected, num_units, args)
@@ -198,6 +235,56 @@ def bench_one(spec_path: str, label: str, shape: tuple[int, int, int, int], args
     if torch is not None:
         result.notes["torch"] = torch
     progress.step(f"{module.NAME} {label} torch")
+    return result
+
+
+def _setup(spec_path: str, shape: tuple[int, int, int, int]):
+    """A spec's module and fused plan, float32 parameters and inputs, hyperparameters and sizes."""
+    from cellgen.build import compile_spec
+
+    module = load_module(spec_path)
+    _, plan = compile_spec(spec_path)
+    batch, max_time, input_size, num_units = shape
+    extra = {s: num_units for s in module.SIZES} | BENCH_SIZES.get(module.NAME, lambda h: {})(num_units)
+    params = module.init_params(input_size, num_units, dtype=np.float32, seed=0, **extra)
+    inputs = np.random.default_rng(1).standard_normal((batch, max_time, input_size)).astype(np.float32)
+    hyper = dict(BENCH_HYPER.get(module.NAME, {}))
+    return module, plan, params, inputs, hyper, {"input_size": input_size, "num_units": num_units, **extra}
+
+
+def bench_train_one(spec_path: str, label: str, shape: tuple[int, int, int, int], args,
+                    progress: Progress) -> Result:
+    """A training step (forward + backward of sum(outputs)) on one spec and shape, every implementation."""
+    from cellgen.tools.bench_floor import train_floor, train_floor_parts, train_products
+
+    module, plan, params, inputs, hyper, sizes = _setup(spec_path, shape)
+    batch, max_time, input_size, num_units = shape
+    recompute = bool(args.recompute)
+    result = Result(module.NAME, label, shape, notes={"sizes": sizes, "hyper": hyper, "recompute": recompute})
+
+    def step():
+        (outputs, _), backward = module.dynamic_rnn_vjp(params, inputs, backend=args.backend, recompute=recompute,
+                                                        **hyper)
+        return outputs, backward(np.ones_like(outputs))
+
+    start = time.perf_counter()
+    expected, grads = step()
+    result.notes["first_call_s"] = time.perf_counter() - start
+    parts = train_floor_parts(train_products(plan, batch, max_time, sizes))
+    fns = {"cellgen": step, "kernel floor": train_floor(parts),
+           "cellgen fwd": lambda: module.dynamic_rnn(params, inputs, backend=args.backend, **hyper),
+           "vjp fwd": lambda: module.dynamic_rnn_vjp(params, inputs, backend=args.backend, recompute=recompute,
+                                                     **hyper),
+           "floor fwd": parts["forward"], "floor rev loop": parts["reverse loop"],
+           "floor after loop": parts["after loop"]}
+    result.times.update(timed_blocks(fns, args.repeat, args.warmup))
+    progress.step(f"{module.NAME} {label} in-process (train)")
+    torch = _torch_train_times(module, params, inputs, hyper, expected, grads, num_units, args)
+    if torch is not None and "error" not in torch:
+        result.times["torch"] = {"best": torch.pop("best"), "median": torch.pop("median")}
+    if torch is not None:
+        result.notes["torch"] = torch
+    progress.step(f"{module.NAME} {label} torch (train)")
     return result
 
 
@@ -254,6 +341,33 @@ def _x(value: float | None) -> str:
     return f"{value:6.2f}x" if value is not None else f"{'-':>7}"
 
 
+def train_table(results: list[Result]) -> str:
+    """``--train``: best (median) ms of a training step, the ratios, torch's differences; then
+    where the time goes (cellgen's forward, its saving forward, the backward by difference, and
+    the floor's parts)."""
+    head = (f"{'spec':<11} {'shape':<5} " + " ".join(f"{n + ' ms':>18}" for n in TRAIN_IMPLS)
+            + f"  cg/kern cg/torch  {'torch is':<24} {'d out':>8} {'d dx':>8} {'dW rel':>8}")
+    lines = ["training step (forward + backward of sum(outputs)):", head, "-" * len(head)]
+    for r in results:
+        torch = r.notes.get("torch") if isinstance(r.notes.get("torch"), dict) else {}
+        diffs = " ".join(f"{torch[k]:8.1e}" if k in torch else f"{'-':>8}"
+                         for k in ("max_abs_diff", "d_inputs_max_abs_diff", "d_params_max_rel_diff"))
+        lines.append(f"{r.spec:<11} {r.shape:<5} " + " ".join(_ms(r, n) for n in TRAIN_IMPLS) + "  "
+                     + " ".join(_x(r.ratio("cellgen", b)) for b in ("kernel floor", "torch"))
+                     + f"  {torch.get('impl', '-'):<24} {diffs}")
+    lines.append("times: best (median) of the repeats; ratios from best times; d out / d dx: max abs difference "
+                 "of torch's outputs / input gradient from cellgen's; dW rel: of the parameter gradients, relative "
+                 "to each one's largest magnitude (the worst parameter).")
+    head = (f"{'spec':<11} {'shape':<5} " + " ".join(f"{n + ' ms':>18}" for n in TRAIN_PARTS)
+            + f" {'bwd ms':>8} step/fwd")
+    lines += ["", "where the time goes (best ms; bwd = step - vjp fwd):", head, "-" * len(head)]
+    for r in results:
+        bwd = r.times["cellgen"]["best"] - r.times["vjp fwd"]["best"]
+        lines.append(f"{r.spec:<11} {r.shape:<5} " + " ".join(_ms(r, n) for n in TRAIN_PARTS)
+                     + f" {bwd * 1e3:8.2f} " + _x(r.ratio("cellgen", "cellgen fwd")))
+    return "\n".join(lines)
+
+
 def table(results: list[Result]) -> str:
     """Best (median) ms per implementation and the cellgen ratios, one row per spec and shape."""
     head = (f"{'spec':<11} {'shape':<5} " + " ".join(f"{n + ' ms':>18}" for n in IMPLS)
@@ -267,7 +381,7 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[Result], path: str) -> None:
+def plot(results: list[Result], path: str, impls: tuple[str, ...] = IMPLS, what: str = "forward") -> None:
     """A grouped bar chart of best times (log scale) per spec and shape."""
     import matplotlib
 
@@ -276,14 +390,14 @@ def plot(results: list[Result], path: str) -> None:
 
     labels = [f"{r.spec}\n{r.shape}" for r in results]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(results)), 4.5))
-    width = 0.8 / len(IMPLS)
-    for k, impl in enumerate(IMPLS):
+    width = 0.8 / len(impls)
+    for k, impl in enumerate(impls):
         values = [r.times[impl]["best"] * 1e3 if impl in r.times else 0.0 for r in results]
-        ax.bar(np.arange(len(results)) + (k - (len(IMPLS) - 1) / 2) * width, values, width, label=impl)
+        ax.bar(np.arange(len(results)) + (k - (len(impls) - 1) / 2) * width, values, width, label=impl)
     ax.set_xticks(np.arange(len(results)), labels, fontsize=8)
     ax.set_yscale("log")
-    ax.set_ylabel("forward time, best (ms)")
-    ax.set_title("cellgen bench (float32 dynamic_rnn forward)")
+    ax.set_ylabel(f"{what} time, best (ms)")
+    ax.set_title(f"cellgen bench (float32 dynamic_rnn {what})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -309,6 +423,13 @@ def _positive(text: str) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.recompute and not args.train:
+        print("cellgen bench: --recompute needs --train", file=sys.stderr)
+        return 2
+    if args.train and (args.jit or backends.REGISTRY[args.backend].device):
+        print("cellgen bench: --train times host backends' training step; --jit and device backends time the "
+              "forward (run them without --train)", file=sys.stderr)
+        return 2
     if backends.REGISTRY[args.backend].device:
         return _delegate_device(args)
     shapes = args.shape or list(SHAPES.items())
@@ -322,13 +443,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if args.jit:
             jit[spec] = jit_times(spec)
             progress.step(f"{spec} JIT cold/cached")
-    rounds = [[bench_one(spec, label, shape, args, progress) for spec in args.specs for label, shape in shapes]
+    one = bench_train_one if args.train else bench_one
+    rounds = [[one(spec, label, shape, args, progress) for spec in args.specs for label, shape in shapes]
               for _ in range(args.rounds)]
     results = [merge_rounds(list(same)) for same in zip(*rounds, strict=True)]
     progress.close()
     env = environment()
     print(_env_text(env, args.threads))
-    print(table(results))
+    print(train_table(results) if args.train else table(results))
     for r in results[:: len(shapes)]:
         print(f"{r.spec}: first call in this process {r.notes['first_call_s']:.2f} s (JIT or on-disk cache)")
     for spec, t in jit.items():
@@ -342,11 +464,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(f"torch skipped for {r.spec} {r.shape}: {torch['error']}")
         elif isinstance(torch, dict) and torch.get("max_abs_diff", 0.0) > 1e-4:
             print(f"warning: torch output differs from cellgen by {torch['max_abs_diff']:.2e} ({r.spec} {r.shape})")
+        elif isinstance(torch, dict) and torch.get("d_inputs_max_abs_diff", 0.0) > 1e-3 * max(
+                1.0, torch.get("d_inputs_max_abs", 0.0)):
+            print(f"warning: torch's input gradient differs from cellgen's by {torch['d_inputs_max_abs_diff']:.2e} "
+                  f"(largest magnitude {torch['d_inputs_max_abs']:.2e}; {r.spec} {r.shape})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "environment": env, "jit": jit,
-                                               "results": [asdict(r) for r in results]}, indent=2, default=str))
+        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "mode": "train" if args.train else
+                                               "forward", "recompute": bool(args.recompute), "environment": env,
+                                               "jit": jit, "results": [asdict(r) for r in results]},
+                                              indent=2, default=str))
     if args.plot:
-        plot(results, args.plot)
+        plot(results, args.plot, *((TRAIN_IMPLS, "training step") if args.train else ()))
     return 0
 
 
@@ -396,6 +524,9 @@ def register(subparsers) -> None:
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: Numba's thread count)")
     b.add_argument("--no-torch", action="store_true", help="skip torch even when it is installed")
     b.add_argument("--jit", action="store_true", help="also time the first call in new processes, cold and cached")
+    b.add_argument("--train", action="store_true",
+                   help="time a training step (dynamic_rnn_vjp + backward of sum(outputs)) instead of the forward")
+    b.add_argument("--recompute", action="store_true", help="with --train: dynamic_rnn_vjp(..., recompute=True)")
     b.add_argument("--json", help="write every number to this JSON file")
     b.add_argument("--plot", help="write a bar chart PNG (needs matplotlib)")
     b.set_defaults(fn=_cmd_bench)

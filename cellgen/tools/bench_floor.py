@@ -11,6 +11,14 @@ T*B rows, then every recurrent GEMM once per step), no elementwise work:
   (:mod:`cellgen.backends.cpu.gemm`), split over the same threads as the generated kernel (one
   parallel region; by batch rows, or by column panels with a barrier after each product:
   ``gemm.split_rows``): the limit of the generated kernel itself.
+
+And the **training floor** (``cellgen bench --train``): the GEMMs of one training step, the
+forward's products as above, then the fused backward's: per step (T to 0) each transposed
+recurrent GEMM ``dg_s[t] @ W_s^T`` (stages in reverse order) through the packed micro-kernel,
+split as the forward's, and after the loop, through NumPy's BLAS exactly as the generated
+``_backward_cpu`` does, one weight GEMM per stage ``operands^T @ d_gates`` over all T*B rows,
+``x^T @ d_pre`` for the hoisted weight and the inputs' adjoint ``d_pre @ W_hoisted^T``
+(T+1 rows of ``x`` and ``d_pre`` when the plan has a delay state).
 """
 
 from __future__ import annotations
@@ -96,9 +104,12 @@ def _kernel_thread(q, nth, sync, fn, steps, a, wp, c, bias, by_rows):
                 passed = _sync.barrier(sync, nth, passed)
 
 
-@njit(nogil=True, parallel=True)
+@njit(nogil=True, parallel=_sync.PRANGE_ONLY)
 def _kernel_steps(fn, steps, a, wp, c, bias, nth, by_rows):
-    """The recurrent products of ``steps`` steps in one parallel region (or on this thread)."""
+    """The recurrent products of ``steps`` steps in one parallel region (or on this thread).
+
+    Only the ``prange`` is parallel, as in the generated kernels: with ``parallel=True`` Numba also
+    made the ``np.zeros`` a parfor, a second parallel region on every call, even with ``nth == 1``."""
     sync = np.zeros(_sync.SYNC_WORDS, dtype=np.int64)
     if nth > 1:
         for q in prange(nth):
@@ -159,5 +170,87 @@ def kernel_floor(p: Products, dtype=np.float32, seed: int = 0) -> Callable[[], N
             _gemm.matmul(hoisted[0], hoisted[1], hoisted[2])
         if p.recurrent:
             _kernel_steps(_gemm.PANELS, p.max_time, *steps, nth, by_rows)
+
+    return run
+
+
+@dataclass(frozen=True)
+class TrainProducts:
+    """The matrix products of one training step (forward, reverse loop, after the loop).
+
+    ``transposed``: the per-step ``dg_s[t] @ W_s^T`` as (K, N) = (width_s, rows_s), in the order
+    the reverse loop runs them (last stage first); ``weight_grads``: the after-loop
+    ``operands_s^T @ dg_s`` as (rows_s, width_s), one per stage; ``hoisted_rows``: the rows of
+    ``x`` and ``d_pre`` after the loop (T*B, or (T+1)*B with a delay state's x_{-1}).
+    """
+
+    forward: Products
+    transposed: tuple[tuple[int, int], ...]
+    weight_grads: tuple[tuple[int, int], ...]
+    hoisted_rows: int
+
+
+def train_products(plan: FusedPlan, batch: int, max_time: int, sizes: dict[str, int]) -> TrainProducts:
+    """The training step's GEMM shapes with the sizes filled in (the forward plan's stages)."""
+    fwd = products(plan, batch, max_time, sizes)
+    delayed = plan.hoisted is not None and plan.hoisted.delayed
+    return TrainProducts(fwd, tuple((n, k) for k, n in reversed(fwd.recurrent)), fwd.recurrent,
+                         batch * (max_time + 1 if delayed else max_time))
+
+
+def train_floor_parts(p: TrainProducts, dtype=np.float32, seed: int = 0) -> dict[str, Callable[[], None]]:
+    """The training floor in its three parts, each a callable: ``forward`` (the forward floor),
+    ``reverse loop`` (T steps of the transposed recurrent GEMMs, packed micro-kernel, one
+    parallel region, split like the generated backward) and ``after loop`` (NumPy BLAS)."""
+    rng = np.random.default_rng(seed + 1)
+    f = p.forward
+    parts = {"forward": kernel_floor(f, dtype, seed)}
+    per_row = sum(k * n for k, n in f.recurrent)
+    nth = _gemm.threads_for_steps(f.rows, f.max_time, per_row) if f.recurrent else 1
+    by_rows = nth == 1 or _gemm.split_rows(f.rows, nth)  # as _backward_cpu
+    a, wp, c, bias = [], [], [], []
+    for shape in p.transposed:
+        a_i, w = _operands(shape, f.rows, dtype, rng)
+        a.append(a_i)
+        wp.append(_gemm.pack(np.ascontiguousarray(w)))
+        c.append(np.zeros((f.rows, wp[-1].shape[0] * wp[-1].shape[2]), dtype))
+        bias.append(_gemm.pad_bias(None, shape[1], dtype))
+    steps = (tuple(a), tuple(wp), tuple(c), tuple(bias))
+
+    def reverse_loop() -> None:
+        if p.transposed:
+            _kernel_steps(_gemm.PANELS, f.max_time, *steps, nth, by_rows)
+
+    rows = f.rows * f.max_time
+    grads = [(rng.standard_normal((rows, k)).astype(dtype), rng.standard_normal((rows, n)).astype(dtype))
+             for k, n in p.weight_grads]
+    hoisted = None
+    if f.hoisted is not None:
+        k, n = f.hoisted
+        hoisted = (rng.standard_normal((p.hoisted_rows, k)).astype(dtype),
+                   rng.standard_normal((p.hoisted_rows, n)).astype(dtype),
+                   (rng.standard_normal((k, n)) / np.sqrt(k)).astype(dtype))
+
+    def after_loop() -> None:
+        for operand, d_gates in grads:  # d_W_s = operands^T @ d_gates over all T*B rows
+            operand.T @ d_gates
+        if hoisted is not None:
+            xa, dpre, w_hoisted = hoisted
+            xa.T @ dpre  # the hoisted weight's adjoint
+            dpre @ w_hoisted.T  # the inputs' adjoint
+
+    parts["reverse loop"] = reverse_loop
+    parts["after loop"] = after_loop
+    return parts
+
+
+def train_floor(parts: dict[str, Callable[[], None]]) -> Callable[[], None]:
+    """A callable doing all the GEMMs of one training step: :func:`train_floor_parts`, in order."""
+    forward, reverse, after = parts["forward"], parts["reverse loop"], parts["after loop"]
+
+    def run() -> None:
+        forward()
+        reverse()
+        after()
 
     return run
