@@ -189,3 +189,19 @@ def test_recompute_gradients_equal_finite_differences(name: str) -> None:
     values = {**case.params, "inputs": case.inputs, **dict(zip(case.mod.STATE, case.initial, strict=True))}
     grads = {**g.params, "inputs": g.inputs, **dict(zip(case.mod.STATE, g.initial_state, strict=True))}
     check_against_fd(loss, grads, values)
+
+
+@pytest.mark.parametrize("name", ["qrnn", "gru", "lstm"])
+@pytest.mark.parametrize("batch,steps", [(0, 3), (2, 0), (1, 1)])
+def test_empty_batch_or_time(name: str, batch: int, steps: int) -> None:
+    mod = make_case(name).mod
+    params = mod.init_params(3, H, dtype=np.float64, seed=0, **({"num_proj": 2} if name == "lstm" else {}))
+    for backend in BACKENDS:
+        for recompute in (False, True):
+            (out, state), backward = mod.dynamic_rnn_vjp(params, np.ones((batch, steps, 3)), backend=backend,
+                                                         recompute=recompute)
+            g = backward(np.ones_like(out), mod.State(*(np.ones_like(s) for s in state)))
+            assert g.inputs.shape == (batch, steps, 3)
+            if steps == 0:  # nothing ran: the final states' adjoint is the initial states'
+                assert all(np.all(d == 1) for d in g.initial_state)
+                assert all(not np.any(v) for v in g.params.values())

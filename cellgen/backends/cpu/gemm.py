@@ -419,3 +419,83 @@ def scan_blocks(rows: int, nth: int, width: int, dtype) -> tuple[int, int]:
     chunk = max(ROWS, min(per_thread, SCAN_BLOCK_BYTES // (2 * row_bytes)) // ROWS * ROWS)
     tb = max(1, SCAN_BLOCK_BYTES // (2 * chunk * row_bytes))
     return chunk, tb
+
+
+# -- the backward's GEMMs over all T*B rows (training, docs/training.md) -----------------------------
+#: Rows of K (the T*B steps-and-rows dimension) per block of :func:`matmul_tn`: a block's transposed
+#: operand [M, KB] and packed d_gates panels stay in cache while the micro-kernel runs over them.
+KB = 256
+
+
+@njit(cache=True, nogil=True)
+def _matmul_tn_part(fn, out, at, d, q, nth):
+    """Thread q of nth of :func:`matmul_tn`: its column panels of ``out += at @ d`` (``at`` = a^T,
+    [M, K] with unit column stride), KB rows of K at a time."""
+    m, k_all = at.shape
+    n = d.shape[1]
+    pw = panel_width_of(d)
+    panels = (n + pw - 1) // pw
+    p0 = q * panels // nth
+    p1 = (q + 1) * panels // nth
+    if p1 <= p0:
+        return
+    width = (p1 - p0) * pw
+    tmp = np.empty((m, width), dtype=at.dtype)
+    zero = np.zeros(width, dtype=at.dtype)
+    full = np.zeros((p1 - p0, KB, pw), dtype=d.dtype)  # one buffer for every whole block (no allocation per block)
+    for k0 in range(0, k_all, KB):
+        rows = min(KB, k_all - k0)
+        dp = full if rows == KB else np.zeros((p1 - p0, rows, pw), dtype=d.dtype)
+        for k in range(rows):
+            src = d[k0 + k]
+            for p in range(p0, p1):
+                dst = dp[p - p0, k]
+                c0 = p * pw
+                if c0 + pw <= n:  # a whole panel: a fixed-length copy the compiler vectorizes
+                    if pw == PANEL32:
+                        for c in range(PANEL32):
+                            dst[c] = src[c0 + c]
+                    else:
+                        for c in range(PANEL64):
+                            dst[c] = src[c0 + c]
+                else:
+                    for c in range(n - c0):
+                        dst[c] = src[c0 + c]
+        gemm_panels(fn, tmp, at[:, k0:k0 + rows], dp, zero, np.int64(0), p1 - p0, np.int64(0), m)
+        for i in range(m):
+            for c in range(p0 * pw, min(n, p1 * pw)):
+                out[i, c] += tmp[i, c - p0 * pw]
+
+
+@njit(cache=True, nogil=True)
+def panel_width_of(arr) -> int:
+    """:func:`panel_width` inside compiled code."""
+    return PANEL32 if arr.itemsize == 4 else PANEL64
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _matmul_tn_into(fn, out, at, d, nth):
+    for q in prange(nth):
+        _matmul_tn_part(fn, out, at, d, np.int64(q), nth)
+
+
+def matmul_tn(a: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """``a^T @ d`` for ``a`` [K, M], ``d`` [K, N] (K = all T*B rows: a weight's gradient, operands^T @
+    d_gates) through the packed micro-kernel, threads splitting the column panels; Numba's threads,
+    so the training step never wakes a second (BLAS) thread pool."""
+    at = np.ascontiguousarray(a.T)
+    d = d if d.strides[1] == d.itemsize else np.ascontiguousarray(d)
+    out = np.zeros((a.shape[1], d.shape[1]), dtype=a.dtype)
+    panels = padded(d.shape[1], d.dtype) // panel_width(d.dtype)
+    nth = min(threads_for(a.shape[1], a.shape[0] * d.shape[1]), max(panels, 1))
+    if nth == 1:
+        _matmul_tn_part(PANELS, out, at, d, np.int64(0), np.int64(1))
+    else:
+        _pool.parallel(_matmul_tn_into, PANELS, out, at, d, nth)
+    return out
+
+
+def matmul_nt(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``a @ w^T`` (the inputs' adjoint, d_pre @ W_hoisted^T) through :func:`matmul`."""
+    n = w.shape[0]
+    return matmul(a, pack(np.ascontiguousarray(w.T)), np.zeros(padded(n, a.dtype), dtype=a.dtype))[:, :n]
