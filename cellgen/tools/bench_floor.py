@@ -15,8 +15,8 @@ T*B rows, then every recurrent GEMM once per step), no elementwise work:
 And the **training floor** (``cellgen bench --train``): the GEMMs of one training step, the
 forward's products as above, then the fused backward's: per step (T to 0) each transposed
 recurrent GEMM ``dg_s[t] @ W_s^T`` (stages in reverse order) through the packed micro-kernel,
-split as the forward's, and after the loop, through NumPy's BLAS exactly as the generated
-``_backward_cpu`` does, one weight GEMM per stage ``operands^T @ d_gates`` over all T*B rows,
+split as the forward's, and after the loop, through the packed GEMM exactly as the generated
+``_backward_cpu`` does (``gemm.matmul_tn`` / ``matmul_nt``), one weight GEMM per stage ``operands^T @ d_gates`` over all T*B rows,
 ``x^T @ d_pre`` for the hoisted weight and the inputs' adjoint ``d_pre @ W_hoisted^T``
 (T+1 rows of ``x`` and ``d_pre`` when the plan has a delay state).
 """
@@ -201,7 +201,8 @@ def train_products(plan: FusedPlan, batch: int, max_time: int, sizes: dict[str, 
 def train_floor_parts(p: TrainProducts, dtype=np.float32, seed: int = 0) -> dict[str, Callable[[], None]]:
     """The training floor in its three parts, each a callable: ``forward`` (the forward floor),
     ``reverse loop`` (T steps of the transposed recurrent GEMMs, packed micro-kernel, one
-    parallel region, split like the generated backward) and ``after loop`` (NumPy BLAS)."""
+    parallel region, split like the generated backward) and ``after loop`` (the packed GEMM, as the
+    generated backward)."""
     rng = np.random.default_rng(seed + 1)
     f = p.forward
     parts = {"forward": kernel_floor(f, dtype, seed)}
@@ -233,11 +234,11 @@ def train_floor_parts(p: TrainProducts, dtype=np.float32, seed: int = 0) -> dict
 
     def after_loop() -> None:
         for operand, d_gates in grads:  # d_W_s = operands^T @ d_gates over all T*B rows
-            operand.T @ d_gates
+            _gemm.matmul_tn(operand, d_gates)
         if hoisted is not None:
             xa, dpre, w_hoisted = hoisted
-            xa.T @ dpre  # the hoisted weight's adjoint
-            dpre @ w_hoisted.T  # the inputs' adjoint
+            _gemm.matmul_tn(xa, dpre)  # the hoisted weight's adjoint
+            _gemm.matmul_nt(dpre, w_hoisted)  # the inputs' adjoint
 
     parts["reverse loop"] = reverse_loop
     parts["after loop"] = after_loop

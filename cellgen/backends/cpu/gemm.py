@@ -483,16 +483,59 @@ def matmul_tn(a: np.ndarray, d: np.ndarray) -> np.ndarray:
     """``a^T @ d`` for ``a`` [K, M], ``d`` [K, N] (K = all T*B rows: a weight's gradient, operands^T @
     d_gates) through the packed micro-kernel, threads splitting the column panels; Numba's threads,
     so the training step never wakes a second (BLAS) thread pool."""
-    at = np.ascontiguousarray(a.T)
+    return matmul_tn_stacked([a], d)[0]
+
+
+def matmul_tn_stacked(parts: list[np.ndarray], d: np.ndarray) -> list[np.ndarray]:
+    """``[p^T @ d for p in parts]`` as ONE GEMM ``[p_0, p_1, ...]^T @ d``: the d_gates ``d`` are packed
+    once for every left operand with the same K rows (a linear's hoisted and recurrent weights)."""
     d = d if d.strides[1] == d.itemsize else np.ascontiguousarray(d)
-    out = np.zeros((a.shape[1], d.shape[1]), dtype=a.dtype)
+    k_all = d.shape[0]
+    rows = [p.shape[1] for p in parts]
+    m = sum(rows)
+    out = np.zeros((m, d.shape[1]), dtype=d.dtype)
     panels = padded(d.shape[1], d.dtype) // panel_width(d.dtype)
-    nth = min(threads_for(a.shape[1], a.shape[0] * d.shape[1]), max(panels, 1))
+    nth = min(threads_for(m, k_all * d.shape[1]), max(panels, 1))
+    at = np.empty((m, k_all), dtype=d.dtype)
+    r = 0
+    for p in parts:
+        block = at[r:r + p.shape[1]]
+        if nth == 1:
+            _transpose_part(block, p, np.int64(0), np.int64(1))
+        else:
+            _pool.parallel(_transpose_into, block, p, nth)
+        r += p.shape[1]
     if nth == 1:
         _matmul_tn_part(PANELS, out, at, d, np.int64(0), np.int64(1))
     else:
         _pool.parallel(_matmul_tn_into, PANELS, out, at, d, nth)
-    return out
+    bounds = np.cumsum([0, *rows])
+    return [out[bounds[i]:bounds[i + 1]] for i in range(len(parts))]
+
+
+#: Rows and columns of a transposed tile (:func:`_transpose_part`): both tiles stay in L1.
+TILE_T = 32
+
+
+@njit(cache=True, nogil=True)
+def _transpose_part(at, a, q, nth):
+    """Thread q of nth: its share of ``at = a^T``, 32 x 32 tiles."""
+    k_all, m = a.shape
+    tiles = (k_all + TILE_T - 1) // TILE_T
+    for tk in range(q * tiles // nth, (q + 1) * tiles // nth):
+        k0 = tk * TILE_T
+        k1 = min(k_all, k0 + TILE_T)
+        for i0 in range(0, m, TILE_T):
+            i1 = min(m, i0 + TILE_T)
+            for k in range(k0, k1):
+                for i in range(i0, i1):
+                    at[i, k] = a[k, i]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _transpose_into(at, a, nth):
+    for q in prange(nth):
+        _transpose_part(at, a, np.int64(q), nth)
 
 
 def matmul_nt(a: np.ndarray, w: np.ndarray) -> np.ndarray:
