@@ -16,7 +16,8 @@ And the **training floor** (``cellgen bench --train``): the GEMMs of one trainin
 forward's products as above, then the fused backward's: per step (T to 0) each transposed
 recurrent GEMM ``dg_s[t] @ W_s^T`` (stages in reverse order) through the packed micro-kernel,
 split as the forward's, and after the loop, through the packed GEMM exactly as the generated
-``_backward_cpu`` does (``gemm.matmul_tn`` / ``matmul_nt``), one weight GEMM per stage ``operands^T @ d_gates`` over all T*B rows,
+``_backward_cpu`` does (``gemm.matmul_tn`` / ``matmul_nt``), one weight GEMM per stage
+``operands^T @ d_gates`` over all T*B rows,
 ``x^T @ d_pre`` for the hoisted weight and the inputs' adjoint ``d_pre @ W_hoisted^T``
 (T+1 rows of ``x`` and ``d_pre`` when the plan has a delay state).
 """
