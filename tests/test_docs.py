@@ -81,3 +81,12 @@ def test_documented_error_messages_are_real() -> None:
                      "cycle between updated states", "cycle between linears", "is declared twice",
                      "is already used", "non-elementwise operation", "unknown function"):
         assert fragment in text and fragment in source, fragment
+
+
+def test_the_training_example_runs() -> None:
+    """docs/training.md's API example, as written: its gradients have the parameters' names and shapes."""
+    scope: dict = {}
+    exec(python_block_after(DOCS / "training.md", "<!-- training-example"), scope)  # noqa: S102 - our own doc
+    grads, params, x = scope["grads"], scope["params"], scope["x"]
+    assert {k: v.shape for k, v in grads.params.items()} == {k: v.shape for k, v in params.items()}
+    assert grads.inputs.shape == x.shape and not np.any(grads.inputs[7])  # the length-0 row gets nothing
