@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import sympy
+
 from cellgen.codegen.printing import print_index
 from cellgen.ir.backward import (
     D_OUT,
@@ -54,6 +56,7 @@ def host_context(tp: TrainingPlan, used: set[str]) -> dict[str, Any]:
     plan, spec = tp.backward, tp.backward.spec
     by_stage = {tp.stages[k]: g for k, g in enumerate(plan.gemms)}
     return {
+        "used": sorted(used),
         "states": [{"name": adjoint_state_array(n), "index": k} for k, n in enumerate(plan.recurrent_states)],
         "state_order": [{"delay": s.name in plan.delay_states,
                          "name": None if s.name in plan.delay_states else adjoint_state_array(s.name)}
@@ -76,7 +79,19 @@ def host_context(tp: TrainingPlan, used: set[str]) -> dict[str, Any]:
                         for n in tp.unit_params],
         "param_arrays": [{"name": n, "array": a} for n, a in plan.param_arrays.items() if a in used],
         "hypers": [{"name": h.name, "array": hyper_name(h.name)} for h in spec.hypers if hyper_name(h.name) in used],
-        "sizes": [{"name": str(s), "array": size_name(str(s))} for s in spec.all_sizes],
+        "sizes": [{"name": str(s), "array": size_name(str(s))} for s in spec.all_sizes
+                  if size_name(str(s)) in used or s in _host_sizes(tp)],
         "biases": [{"bias": b.bias, "array": b.array, "width": print_index(b.width),
                     "cols": f"{print_index(b.col)}:{print_index(b.col + b.width)}"} for b in tp.bias_grads],
     }
+
+
+def _host_sizes(tp: TrainingPlan) -> set:
+    """The size symbols the backward host code prints (array shapes, column slices)."""
+    plan, spec = tp.backward, tp.backward.spec
+    exprs = [*(g.width for g in plan.gemms), *(g.rows for g in plan.gemms)]
+    exprs += [p.size for p in spec.params if p.name in tp.unit_params]
+    exprs += [e for b in tp.bias_grads for e in (b.col, b.width)]
+    if plan.hoisted is not None:
+        exprs.append(plan.hoisted.width)
+    return set().union(*(sympy.sympify(e).free_symbols for e in exprs))

@@ -55,11 +55,13 @@ def backward_context(tp: TrainingPlan) -> dict[str, Any]:
         for launch in launches:
             if launch["kind"] != "epilogue":
                 continue
-            body = []
-            for loop in by_index[launch["index"]].loops:
-                text = kp.loop(loop)
-                body.append(f"if j < {text.domain}:\n" + _indent(text.body))
-            kernels.append({"name": launch["name"], "args": launch["args"], "body": "\n".join(body)})
+            loops = by_index[launch["index"]].loops
+            texts = [kp.loop(loop) for loop in loops]
+            if len(texts) == 1:  # one loop: its unit guard joins the row's
+                guard, body = f" and j < {texts[0].domain}", texts[0].body
+            else:
+                guard, body = "", "\n".join(f"if j < {t.domain}:\n" + _indent(t.body) for t in texts)
+            kernels.append({"name": launch["name"], "args": launch["args"], "body": body, "guard": guard})
         dtypes.append({"dtype": dtype, "zero": NumbaPrinter(dtype).doprint(sympy.Integer(0)), "kernels": kernels})
     return {**host_context(tp, used), "dtypes": dtypes, "launches": launches,
             "epilogues": [a for a in launches if a["kind"] == "epilogue"]}
