@@ -246,6 +246,9 @@ def test_random_specs_on_the_simulator(tmp_path_factory) -> None:
 
 
 # -- training: the backward on the device ---------------------------------------------------------
+#: Specs whose cuda gradients are also checked against finite differences of the cuda forward here (one
+#: of each kind: a delay state and no recurrent GEMM, two stages, peepholes/clips/projection).
+FD_SPECS = ("qrnn", "gru", "lstm")
 def _all_grads(mod, g) -> dict[str, np.ndarray]:
     return {"inputs": np.asarray(g.inputs), **{f"params[{k}]": v for k, v in g.params.items()},
             **{f"initial_state.{n}": np.asarray(s) for n, s in zip(mod.STATE, g.initial_state, strict=True)}}
@@ -265,6 +268,8 @@ def test_backward_equals_reference_and_finite_differences(name: str) -> None:
         grads[backend] = _all_grads(case.mod, backward(r_out, case.mod.State(*r_states)))
     for key, want in grads["reference"].items():
         assert relative_error(grads["cuda"][key], want) <= 1e-12, key
+    if name not in FD_SPECS:  # the reference's gradients are finite-difference checked entry by entry
+        return
 
     def loss() -> float:
         return linear_loss(*run(case, "cuda"), r_out, r_states)

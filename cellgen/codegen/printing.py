@@ -233,6 +233,8 @@ class NumbaPrinter(NamedPrinter, PythonCodePrinter):
 
     def _select(self, op: str, expr) -> str:
         a, b = (self._operand(arg) for arg in expr.args)
+        if expr.args[0].is_Number:  # ``x < 0.0``, not ``0.0 > x``: the same test, read the usual way
+            a, b, op = b, a, {">": "<", ">=": "<="}[op]
         return f"({self._literal(1.0)} if {a} {op} {b} else {self._literal(0.0)})"
 
     def _print_ge(self, expr) -> str:  # cellgen.ir.adjoint.ge: a gradient's selector
@@ -368,13 +370,17 @@ class NumPyVectorPrinter(NamedPrinter, NumPyPrinter):
     def _print_Infinity(self, expr) -> str:
         return "np.inf"
 
-    def _print_ge(self, expr) -> str:  # cellgen.ir.adjoint.ge: 1.0 where a >= b
+    def _where(self, op: str, expr) -> str:
         a, b = (self._print(arg) for arg in expr.args)
-        return f"np.where({a} >= {b}, 1.0, 0.0)"
+        if expr.args[0].is_Number:  # ``x < 0``, not ``0 > x``
+            a, b, op = b, a, {">": "<", ">=": "<="}[op]
+        return f"np.where({a} {op} {b}, 1.0, 0.0)"
+
+    def _print_ge(self, expr) -> str:  # cellgen.ir.adjoint.ge: 1.0 where a >= b
+        return self._where(">=", expr)
 
     def _print_gt(self, expr) -> str:
-        a, b = (self._print(arg) for arg in expr.args)
-        return f"np.where({a} > {b}, 1.0, 0.0)"
+        return self._where(">", expr)
 
     def _print_NegativeInfinity(self, expr) -> str:
         return "-np.inf"

@@ -22,6 +22,7 @@ products in the order they run, its epilogues the loops between them, so the pri
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -197,8 +198,10 @@ def with_saves(plan: FusedPlan, saved: tuple[Saved, ...]) -> FusedPlan:
         batched_arrays=tuple(sorted({*plan.batched_arrays, *(sv.array for sv in saved)})))
 
 
+@functools.lru_cache(maxsize=16)
 def training_plan(spec: CellSpec) -> TrainingPlan:
-    """The saving forward (passes run) and the backward plan of ``spec``."""
+    """The saving forward (passes run) and the backward plan of ``spec`` (derived once per spec:
+    every backend's context asks for it)."""
     plain = analyse(spec)
     saved = saved_values(plain)
     forward = with_saves(run_passes(plain), saved)

@@ -165,10 +165,13 @@ def backward_context(plan: FusedPlan) -> dict[str, Any]:
                         "parts": parts})
     final, values = printed([*adj.states.values(), *adj.params.values(), adj.x, adj.x_prev])
     n = len(adj.states)
+    read = set().union(*(e.free_symbols for e in (*adj.gates.values(), *adj.states.values(), *adj.params.values(),
+                                                    adj.x, adj.x_prev, *(o for lin in order for o in lin.operands))))
     return {
         "linears": linears,
         "final_temps": final,
-        "gate_splits": [{"index": k, "gates": [str(g) for g in lin.gates], "kernel": lin.kernel, "bias": lin.bias}
+        "gate_splits": [{"index": k, "gates": [str(g) for g in lin.gates], "kernel": lin.kernel, "bias": lin.bias,
+                         "read": any(g in read for g in lin.gates)}
                         for k, lin in enumerate(order)],
         "operands": len(adj.operands),
         "states": [{"name": name, "value": v} for name, v in zip(adj.states, values[:n], strict=True)],
