@@ -45,8 +45,8 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PROVIDERS = {"jinja2": "jinja2", "llvmlite": "llvmlite", "numba": "numba", "numpy": "numpy", "sympy": "sympy",
              "threadpoolctl": "threadpoolctl", "torch": "torch", "matplotlib": "matplotlib", "cuda": "numba-cuda",
              "ruff": "ruff"}
-#: Folders whose imports may come from an optional extra (the CUDA backend, the tools).
-OPTIONAL = ("cellgen/backends/cuda/", "cellgen/tools/")
+#: Folders and modules whose imports may come from an optional extra (the CUDA backend, the tools, the torch layer).
+OPTIONAL = ("cellgen/backends/cuda/", "cellgen/tools/", "cellgen/torch.py", "cellgen/torch_ops.py")
 
 MYQRNN = '''"""A QRNN with f-pooling, the user's own cell."""
 
