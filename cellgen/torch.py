@@ -192,9 +192,11 @@ class RNN(nn.Module):
         ours = self._key_prefix(prefix)
         found = {}
         for tf, attr in self._attrs.items():
-            if ours + tf in state_dict:
-                value = state_dict.pop(ours + tf)
-                found[prefix + attr] = torch.from_numpy(np.asarray(value)) if isinstance(value, np.ndarray) else value
+            for key in (ours + tf, prefix + tf):  # a MultiRNN hands its cells cell_0.<tf name>
+                if key in state_dict:
+                    value = state_dict.pop(key)
+                    found[prefix + attr] = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+                    break
         state_dict.update(found)
         before = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -426,6 +426,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.recompute and not args.train:
         print("cellgen bench: --recompute needs --train", file=sys.stderr)
         return 2
+    if args.torch_layer and not args.train:
+        print("cellgen bench: --torch-layer needs --train", file=sys.stderr)
+        return 2
     if args.train and (args.jit or backends.REGISTRY[args.backend].device):
         print("cellgen bench: --train times host backends' training step; --jit and device backends time the "
               "forward (run them without --train)", file=sys.stderr)
@@ -444,13 +447,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             jit[spec] = jit_times(spec)
             progress.step(f"{spec} JIT cold/cached")
     one = bench_train_one if args.train else bench_one
+    report = train_table if args.train else table
+    if args.torch_layer:  # the raw step beside cellgen.torch.RNN's (cellgen.tools.bench_torch_layer)
+        from cellgen.tools.bench_torch_layer import bench_layer_one, layer_table
+
+        one, report = bench_layer_one, layer_table
     rounds = [[one(spec, label, shape, args, progress) for spec in args.specs for label, shape in shapes]
               for _ in range(args.rounds)]
     results = [merge_rounds(list(same)) for same in zip(*rounds, strict=True)]
     progress.close()
     env = environment()
     print(_env_text(env, args.threads))
-    print(train_table(results) if args.train else table(results))
+    print(report(results))
     for r in results[:: len(shapes)]:
         print(f"{r.spec}: first call in this process {r.notes['first_call_s']:.2f} s (JIT or on-disk cache)")
     for spec, t in jit.items():
@@ -474,7 +482,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                                "jit": jit, "results": [asdict(r) for r in results]},
                                               indent=2, default=str))
     if args.plot:
-        plot(results, args.plot, *((TRAIN_IMPLS, "training step") if args.train else ()))
+        impls = ("raw vjp", "torch layer", "torch") if args.torch_layer else TRAIN_IMPLS
+        plot(results, args.plot, *((impls, "training step") if args.train else ()))
     return 0
 
 
@@ -527,6 +536,8 @@ def register(subparsers) -> None:
     b.add_argument("--train", action="store_true",
                    help="time a training step (dynamic_rnn_vjp + backward of sum(outputs)) instead of the forward")
     b.add_argument("--recompute", action="store_true", help="with --train: dynamic_rnn_vjp(..., recompute=True)")
+    b.add_argument("--torch-layer", action="store_true",
+                   help="with --train: the raw step beside cellgen.torch.RNN's training step in one process, and torch")
     b.add_argument("--json", help="write every number to this JSON file")
     b.add_argument("--plot", help="write a bar chart PNG (needs matplotlib)")
     b.set_defaults(fn=_cmd_bench)
