@@ -98,7 +98,6 @@ class RNN(nn.Module):
                  **sizes_and_hyper: Any) -> None:
         super().__init__()
         module = _cell_module(cell)
-        self.cell = module
         self.State = module.State
         for what, value in (("input_size", input_size), ("num_units", num_units)):
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
@@ -140,6 +139,11 @@ class RNN(nn.Module):
         self.reset_parameters(seed)
         if device is not None:
             self.to(device)
+
+    @property
+    def cell(self) -> ModuleType:
+        """The generated cell module."""
+        return torch_ops.cell_module(torch_ops.parse_config(self.config))
 
     # -- parameters -----------------------------------------------------------------------------
     def reset_parameters(self, seed: int | None = None) -> None:
