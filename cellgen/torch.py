@@ -224,10 +224,7 @@ class RNN(nn.Module):
         params = [self._tensor(tf) for tf in self._attrs]
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)
                                                   or any(s.requires_grad for s in states))
-        if needs_grad:
-            outputs, finals, _ = torch_ops.rnn_vjp(self.config, x, lengths, states, params)
-        else:
-            outputs, finals = torch_ops.rnn(self.config, x, lengths, states, params)
+        outputs, finals = torch_ops.call(self.config, x, lengths, states, params, needs_grad)
         n = len(self.State._fields)
         if self.bidirectional:
             return (outputs[0], outputs[1]), (self.State(*finals[:n]), self.State(*finals[n:]))

@@ -43,8 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-__all__ = ["Config", "parse_config", "rnn", "rnn_backward", "rnn_vjp", "saved_count"]
+__all__ = ["Config", "call", "ops_always", "parse_config", "rnn", "rnn_backward", "rnn_vjp", "saved_count"]
 
 
 @dataclass(frozen=True)
@@ -222,8 +223,15 @@ def rnn_backward(config: str, handle: Tensor, d_outputs: list[Tensor | None], d_
                  inputs: Tensor, sequence_length: Tensor | None, initial_state: list[Tensor],
                  params: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """The fused backward of the forward ``handle`` saved: (d_inputs, d_initial_state, d_params)."""
-    cfg = parse_config(config)
-    back = _take(handle)
+    return _backward_impl(parse_config(config), _take(handle), d_outputs, d_finals, inputs, sequence_length,
+                          initial_state, params)
+
+
+def _backward_impl(cfg: Config, back: Callable[..., Any] | None, d_outputs: list[Tensor | None],
+                   d_finals: list[Tensor | None], inputs: Tensor, sequence_length: Tensor | None,
+                   initial_state: list[Tensor], params: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """``back`` (the saving forward's backward; None: run that forward again on the saved tensors, whose
+    values torch's version counters have checked) on the results' adjoints (None: zeros)."""
     if back is None:  # its saved values were used by an earlier backward (retain_graph=True): save them again
         _, _, back = _run(cfg, inputs, sequence_length, initial_state, params, True)
     batch, steps = (inputs.shape[0], inputs.shape[1]) if cfg.batch_first else (inputs.shape[1], inputs.shape[0])
@@ -232,7 +240,6 @@ def rnn_backward(config: str, handle: Tensor, d_outputs: list[Tensor | None], d_
     d_outs = [np.zeros(out_shape, dtype) if d is None else as_array(d) for d in d_outputs]
     k = len(cfg.state_size)
     d_states = [None if d is None else as_array(d) for d in d_finals]
-    n = len(cfg.params)
     if cfg.bidirectional:
         g = back((d_outs[0], d_outs[1]), (_state_or_none(d_states[:k]), _state_or_none(d_states[k:])))
         d_init = [*g.initial_state_fw, *g.initial_state_bw]
@@ -240,7 +247,6 @@ def rnn_backward(config: str, handle: Tensor, d_outputs: list[Tensor | None], d_
     else:
         g = back(d_outs[0], _state_or_none(d_states))
         d_init, d_params = list(g.initial_state), [g.params[name] for name in cfg.params]
-    assert len(d_params) == n * cfg.directions
     results = _fresh([g.inputs, *(d_init if initial_state else []), *d_params],
                      [a for a in d_outs + d_states if a is not None])
     device = inputs.device
@@ -299,3 +305,61 @@ def _backward(ctx: Any, d_outputs: list[Tensor | None], d_finals: list[Tensor | 
 
 
 rnn_vjp.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- eager: one autograd.Function, the same work without the custom ops' dispatch ------------------
+class _EagerRNN(torch.autograd.Function):
+    """Eager mode's training call: :func:`_run` and :func:`_backward_impl` as the ops run them, with the
+    backward closure on the autograd node itself (freed with the graph). A custom op's Python dispatch
+    costs ~0.25 ms more per training step than this (docs/torch.md); under ``torch.compile`` the layer
+    calls the ops instead."""
+
+    @staticmethod
+    def forward(ctx: Any, config_text: str, inputs: Tensor, sequence_length: Tensor | None, n_states: int,
+                *tensors: Tensor) -> tuple[Tensor, ...]:
+        cfg = parse_config(config_text)
+        states, params = list(tensors[:n_states]), list(tensors[n_states:])
+        outs, finals, back = _run(cfg, inputs, sequence_length, states, params, True)
+        ctx.cfg, ctx.back, ctx.n_states, ctx.n_outs = cfg, back, n_states, len(outs)
+        ctx.save_for_backward(inputs, sequence_length, *tensors)
+        ctx.set_materialize_grads(False)
+        return (*outs, *finals)
+
+    @staticmethod
+    @once_differentiable  # no double backward: differentiating the gradients again is an error, never zeros
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Any, ...]:
+        inputs, lengths, *tensors = ctx.saved_tensors
+        back, ctx.back = ctx.back, None
+        n = ctx.n_states
+        d_x, d_states, d_params = _backward_impl(ctx.cfg, back, list(grads[:ctx.n_outs]), list(grads[ctx.n_outs:]),
+                                                 inputs, lengths, tensors[:n], tensors[n:])
+        return (None, d_x, None, None, *d_states, *d_params)
+
+
+_OPS_ALWAYS = False
+
+
+def ops_always(flag: bool) -> bool:
+    """Make eager calls go through the custom ops too (as compiled graphs do); returns the old setting.
+    For tests and debugging: the numbers are the same, the dispatch costs more."""
+    global _OPS_ALWAYS
+    old, _OPS_ALWAYS = _OPS_ALWAYS, bool(flag)
+    return old
+
+
+def call(config_text: str, inputs: Tensor, sequence_length: Tensor | None, initial_state: list[Tensor],
+         params: list[Tensor], train: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """The layer's forward: (outputs, final states), ``train`` with autograd. Traced (``torch.compile``)
+    or with :func:`ops_always`: the custom ops; eager: :class:`_EagerRNN` / :func:`_run` directly."""
+    if _OPS_ALWAYS or torch.compiler.is_compiling():
+        if train:
+            outs, finals, _ = rnn_vjp(config_text, inputs, sequence_length, initial_state, params)
+            return outs, finals
+        return rnn(config_text, inputs, sequence_length, initial_state, params)
+    cfg = parse_config(config_text)
+    if not train:
+        outs, finals, _ = _run(cfg, inputs, sequence_length, initial_state, params, False)
+        return outs, finals
+    results = _EagerRNN.apply(config_text, inputs, sequence_length, len(initial_state), *initial_state, *params)
+    n = cfg.directions
+    return list(results[:n]), list(results[n:])

@@ -43,6 +43,14 @@ HYPER: dict[str, dict[str, float]] = {"lstm": {"cell_clip": 0.8, "proj_clip": 0.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
+@pytest.fixture(params=["eager", "ops"])
+def path(request) -> Any:
+    """Eager calls through the autograd.Function (the default) or through the custom ops, as compiled graphs."""
+    old = torch_ops.ops_always(request.param == "ops")
+    yield request.param
+    torch_ops.ops_always(old)
+
+
 def module(name: str) -> ModuleType:
     return importlib.import_module(f"generated.{name}")
 
@@ -152,7 +160,7 @@ def test_a_cell_by_name_or_path_loads_through_cellgen_load(monkeypatch) -> None:
 # -- forward semantics ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name", SPECS)
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "time_major"])
-def test_forward_is_dynamic_rnn(name: str, batch_first: bool) -> None:
+def test_forward_is_dynamic_rnn(name: str, batch_first: bool, path: str) -> None:
     layer = layer_for(name, batch_first=batch_first)
     x, lengths, state = random_case(layer)
     params = {k: v.detach().numpy() for k, v in layer.tf_parameters().items()}
@@ -168,7 +176,7 @@ def test_forward_is_dynamic_rnn(name: str, batch_first: bool) -> None:
             np.testing.assert_array_equal(s.detach().numpy(), w)
 
 
-def test_bidirectional_is_bidirectional_dynamic_rnn_with_fw_bw_names() -> None:
+def test_bidirectional_is_bidirectional_dynamic_rnn_with_fw_bw_names(path: str) -> None:
     layer = layer_for("qrnn", bidirectional=True)
     assert list(layer.state_dict()) == ["fw/kernel", "fw/bias", "bw/kernel", "bw/bias"]
     x, lengths, state = random_case(layer)
@@ -185,7 +193,7 @@ def test_bidirectional_is_bidirectional_dynamic_rnn_with_fw_bw_names() -> None:
             np.testing.assert_array_equal(s.detach().numpy(), w)
 
 
-def test_multi_rnn_is_cellgen_multi_rnn_with_cell_k_names() -> None:
+def test_multi_rnn_is_cellgen_multi_rnn_with_cell_k_names(path: str) -> None:
     layers = [layer_for("basic_lstm"), ct.RNN(module("qrnn"), H, 5, dtype=torch.float64, seed=1),
               ct.RNN(module("lstm"), 5, H, dtype=torch.float64, seed=2, num_proj=P, cell_clip=0.8)]
     stack = ct.MultiRNN(layers)
@@ -355,7 +363,7 @@ def test_gradcheck_every_shipped_spec(name: str) -> None:
     _gradcheck(layer, x, lengths, state, list(state), lambda st: layer.State(*st))
 
 
-def test_gradcheck_bidirectional_and_multi_rnn() -> None:
+def test_gradcheck_bidirectional_and_multi_rnn(path: str) -> None:
     bi = layer_for("qrnn", bidirectional=True, batch_first=False)
     x, lengths, state = random_case(bi)
     _, _, other = random_case(bi, seed=2)
@@ -408,7 +416,7 @@ def test_torch_compile_fullgraph_has_no_graph_break_and_gives_the_eager_numbers(
     assert torch_ops.saved_count() == 0
 
 
-def test_a_second_backward_of_one_graph_recomputes_the_saved_values() -> None:
+def test_a_second_backward_of_one_graph_recomputes_the_saved_values(path: str) -> None:
     layer = layer_for("lstm")
     x, lengths, state = random_case(layer)
     out, final = layer(x, lengths, state)
@@ -419,7 +427,26 @@ def test_a_second_backward_of_one_graph_recomputes_the_saved_values() -> None:
         assert torch.equal(a, b)
 
 
+def test_double_backward_is_refused_by_name(path: str) -> None:
+    layer = layer_for("basic_rnn")
+    x, _, _ = random_case(layer)
+    out, _ = layer(x)
+    (d_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    message = "cellgen.rnn_backward.default but no autograd formula" if path == "ops" else "once_differentiable"
+    with pytest.raises(RuntimeError, match=message):
+        d_x.sum().backward()
+
+
 def test_saved_values_are_freed_without_a_backward() -> None:
+    """The ops' registry (the eager path keeps the backward on the autograd node: freed with it)."""
+    torch_ops.ops_always(True)
+    try:
+        _freed_without_a_backward()
+    finally:
+        torch_ops.ops_always(False)
+
+
+def _freed_without_a_backward() -> None:
     before = torch_ops.saved_count()
     layer = layer_for("basic_lstm")
     x, _, _ = random_case(layer)
@@ -432,7 +459,7 @@ def test_saved_values_are_freed_without_a_backward() -> None:
     assert torch_ops.saved_count() == before
 
 
-def test_changing_a_saved_tensor_in_place_is_refused() -> None:
+def test_changing_a_saved_tensor_in_place_is_refused(path: str) -> None:
     layer = layer_for("basic_rnn")
     x, _, _ = random_case(layer)
     out, _ = layer(x)
@@ -443,7 +470,7 @@ def test_changing_a_saved_tensor_in_place_is_refused() -> None:
 
 
 # -- zero copy, dtypes, errors -----------------------------------------------------------------------
-def test_cpu_tensors_cross_without_a_copy(monkeypatch) -> None:
+def test_cpu_tensors_cross_without_a_copy(monkeypatch, path: str) -> None:
     layer = layer_for("basic_lstm")
     mod = module("basic_lstm")
     seen: dict[str, Any] = {}
