@@ -4,7 +4,7 @@ Each example draws a spec file (``fuzz_specs.specs``), builds it with ``cellgen.
 fresh temporary folder, imports the generated module and compares ``backend="cpu"`` and
 ``backend="reference"`` in float64 and float32 with ``fuzz_specs.Evaluator`` (docs/testing.md).
 
-* ``CELLGEN_FUZZ_EXAMPLES=2000`` runs more examples (default 100);
+* ``CELLGEN_FUZZ_EXAMPLES=2000`` runs more examples (default 100, as ``SHARDS`` tests of a fifth each);
 * ``CELLGEN_FUZZ_EXCLUDE=old_read,name_collision`` leaves known bug classes out (``fuzz_specs.CLASSES``);
 * ``CELLGEN_FUZZ_SEED=7`` draws another (still reproducible) sequence of specs;
 * ``CELLGEN_FUZZ_SHRINK=1`` shrinks a failing spec (minutes: every try is a build and a JIT compile).
@@ -26,16 +26,29 @@ SEED = int(os.environ.get("CELLGEN_FUZZ_SEED", "0"))
 PHASES = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("CELLGEN_FUZZ_SHRINK") else [])
 
 
-@seed(SEED)
-@settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False, print_blob=True, phases=PHASES,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
-@given(fz=specs(exclude=EXCLUDE), data=st.data())
-def test_random_specs_match_the_evaluator(fz, data, tmp_path_factory: pytest.TempPathFactory) -> None:
-    folder = tmp_path_factory.mktemp("fuzz")
-    spec = folder / "probe.py"
-    spec.write_text(fz.text)
-    assume(not degenerate(spec))
-    check_spec(fz, folder)
+#: the examples run as this many tests (seeds SEED * SHARDS + k), so ``pytest -n 2`` shares them out
+SHARDS = 5
+
+
+def _fuzz_shard(index: int):
+    @seed(SEED * SHARDS + index)
+    @settings(max_examples=-(-EXAMPLES // SHARDS), deadline=None, database=None, derandomize=False, print_blob=True,
+              phases=PHASES,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+    @given(fz=specs(exclude=EXCLUDE), data=st.data())
+    def test(fz, data, tmp_path_factory: pytest.TempPathFactory) -> None:
+        folder = tmp_path_factory.mktemp("fuzz")
+        spec = folder / "probe.py"
+        spec.write_text(fz.text)
+        assume(not degenerate(spec))
+        check_spec(fz, folder)
+
+    test.__name__ = test.__qualname__ = f"test_random_specs_match_the_evaluator_{index}"
+    return test
+
+
+for _k in range(SHARDS):
+    globals()[f"test_random_specs_match_the_evaluator_{_k}"] = _fuzz_shard(_k)
 
 
 def test_the_strategy_covers_every_class() -> None:

@@ -274,22 +274,24 @@ class _Backward:
                 value = adj.gates[g].xreplace(loads)
                 if value == 0:  # a gate nothing reads: its d_gates stay zero
                     continue
+                earliest = self.earliest(value, n)
+                assert earliest >= level, f"cellgen bug: the adjoint of gate {g} reads a later stage's operands"
                 for target in targets:
                     if alias is not None and str(target.base) == D_PRE:  # dpre is dg{alias} itself
                         continue
-                    stores[level].append((gate_size[str(g)], Store(target, value, None)))
-        for name, expr in adj.states.items():
-            target = _at(adjoint_state_array(name), UNIT)
-            stores[0].append((spec.state(name).size, Store(target, expr.xreplace(loads), None)))
+                    stores[earliest].append((gate_size[str(g)], Store(target, value, None)))
+        state_stores = [(name, spec.state(name).size, Store(_at(adjoint_state_array(name), UNIT),
+                                                             expr.xreplace(loads), None))
+                        for name, expr in adj.states.items()]
         for name, expr in adj.params.items():
-            acc = _at(param_adjoint_array(name), UNIT)
+            acc, value = _at(param_adjoint_array(name), UNIT), expr.xreplace(loads)
             size = next(p.size for p in spec.params if p.name == name)
-            stores[0].append((size, Store(acc, acc + expr.xreplace(loads), None)))
+            stores[self.earliest(value, n)].append((size, Store(acc, acc + value, None)))
         writes_x = False
         for value, target in ((adj.x, D_X), (adj.x_prev, D_X_PREV)):
             if value != 0:
-                acc = _at(target, UNIT)
-                stores[0].append((spec.input.size, Store(acc, acc + value.xreplace(loads), None)))
+                acc, value = _at(target, UNIT), value.xreplace(loads)
+                stores[self.earliest(value, n)].append((spec.input.size, Store(acc, acc + value, None)))
                 writes_x = True
         weight_grads = []
         for g in plan.gemms:
@@ -298,8 +300,11 @@ class _Backward:
             else:
                 rows = operand_rows_array(g.stage)
                 for op in g.operands:
-                    stores[0].append((op.size, Store(_at(rows, op.offset + UNIT), op.expr.xreplace(loads), None)))
+                    value = op.expr.xreplace(loads)
+                    stores[self.earliest(value, n)].append((op.size, Store(_at(rows, op.offset + UNIT), value, None)))
             weight_grads.append(WeightGrad(g.stage, rows, d_gates_array(g.stage)))
+        for level, (size, store) in self.place_states(stores, state_stores, n):
+            stores[level].append((size, store))
         epilogues = []
         for level in range(n, -1, -1):
             by_domain: dict[sympy.Expr, list[Store]] = defaultdict(list)
@@ -329,12 +334,47 @@ class _Backward:
             weight_grads=tuple(weight_grads), bias_grads=self.bias_grads(), unit_params=tuple(adj.params),
             delayed=self.delay is not None, reads_inputs=reads_x, writes_inputs=writes_x, pre_alias=alias)
 
+    @staticmethod
+    def earliest(value: sympy.Expr, n: int) -> int:
+        """The first backward epilogue (its forward level: n runs first, 0 last) a store of ``value`` can
+        go in: before any transposed GEMM when it reads no operand adjoint, else after the GEMM of the
+        lowest stage it reads (``drec{s}`` is complete once that stage's GEMM ran, at level s). Everything
+        but the states' adjoints goes there, so a step computes each value once where its inputs are
+        first ready; the states' adjoints stay last (level 0): every other store reads them before the
+        step, so they are updated in place after every read."""
+        stages = [s for s in range(n) if any(str(a.base) == d_operand_array(s) for a in value.atoms(sympy.Indexed))]
+        return min(stages, default=n)
+
+    def place_states(self, stores: dict[int, list[tuple[sympy.Expr, Store]]],
+                     state_stores: list[tuple[str, sympy.Expr, Store]], n: int
+                     ) -> list[tuple[int, tuple[sympy.Expr, Store]]]:
+        """Each state adjoint's level: its earliest (:meth:`earliest`) where every other store that reads
+        it runs before it (an earlier epilogue) or in its own loop (same level and domain: a loop reads
+        every value before it stores any), else the last epilogue (level 0), where it is updated in place
+        after every read of the step."""
+        def reads(store: Store, array: str) -> bool:
+            return any(str(a.base) == array for a in store.value.atoms(sympy.Indexed))
+
+        others = [(level, size, st) for level, entries in stores.items() for size, st in entries]
+        level_of = {name: self.earliest(st.value, n) for name, _, st in state_stores}
+        changed = True
+        while changed:
+            changed = False
+            for name, size, store in state_stores:
+                array, level = adjoint_state_array(name), level_of[name]
+                readers = [(lv, sz) for lv, sz, st in others if reads(st, array)]
+                readers += [(level_of[other], sz) for other, sz, st in state_stores if other != name and reads(st, array)]
+                if level and any(lv < level or (lv == level and sz != size) for lv, sz in readers):
+                    level_of[name], changed = 0, True
+        return [(level_of[name], (size, store)) for name, size, store in state_stores]
+
     def pre_alias(self) -> int | None:
         """The stage whose d_gates array IS dpre: every gate read from the hoisted columns is read from
         that stage's columns at the same index and the other way round (a linear over [x, h]: basic_lstm,
-        lstm), so each adjoint is stored once and the hoisted weight GEMM reads the stage's array."""
+        lstm), so each adjoint is stored once and the hoisted weight GEMM reads the stage's array. Not
+        with a delay state: then the hoisted GEMM's rows are the T + 1 of [x_{-1}, xs], dg has T."""
         plan = self.plan0
-        if plan.hoisted is None or plan.hoisted.delayed:
+        if plan.hoisted is None or self.delay is not None:
             return None
         for g in plan.gemms:
             same = True
