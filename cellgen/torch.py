@@ -8,11 +8,12 @@
 * :class:`RNN` holds the cell's parameters as ``nn.Parameter`` s; ``state_dict()`` keys are the TF
   variable names of the generated module (``kernel``, ``gates/kernel``, ...; ``fw/...`` and ``bw/...``
   when bidirectional), so a dict from ``init_params`` or TF loads unchanged.
-* The forward and the backward are three ``torch.library.custom_op`` s (:mod:`cellgen.torch_ops`):
+* Traced, the forward and the backward are three ``torch.library.custom_op`` s (:mod:`cellgen.torch_ops`):
   ``cellgen::rnn`` (inference), ``cellgen::rnn_vjp`` (the forward that saves, returning a handle to
   its saved values) and ``cellgen::rnn_backward`` (the generated fused backward), with
   ``register_autograd`` and ``register_fake``: ``torch.compile(model, fullgraph=True)`` traces a model
-  with the layer in it without a graph break.
+  with the layer in it without a graph break. Eager, the same work runs in one ``autograd.Function``
+  (less dispatch per call).
 * CPU tensors cross as NumPy views (``Tensor.numpy()`` / ``torch.from_numpy``, no copy); CUDA tensors
   with ``backend="cuda"`` through ``__cuda_array_interface__`` (no copy).
 * :meth:`RNN.from_torch` / :meth:`RNN.to_torch` convert ``nn.LSTM`` (``basic_lstm``) and ``nn.GRU``

@@ -1,5 +1,9 @@
 """The ``torch.library`` custom ops behind :mod:`cellgen.torch` (docs/torch.md, "Autograd").
 
+:func:`call` is the layer's forward: under ``torch.compile`` (``torch.compiler.is_compiling()``) it calls
+the ops below; in eager mode the same work (:func:`_run`, :func:`_backward_impl`) runs through one
+``torch.autograd.Function`` (:class:`_EagerRNN`), whose dispatch costs less than the ops'.
+
 Three ops, each with a fake (meta) implementation, so that ``torch.compile`` traces through them:
 
 * ``cellgen::rnn(config, inputs, sequence_length, initial_state, params) -> (outputs, finals)``:

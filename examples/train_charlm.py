@@ -226,7 +226,8 @@ def plot(results: dict[str, dict[str, Any]], path: str, vocab: int) -> None:
                 ls="-" if k == 0 else "--", label=f"{name} train ({r['steps_per_s']:.1f} steps/s)")
         if r["valid"]:
             steps, values = zip(*r["valid"], strict=True)
-            ax.plot(steps, values, "o", color=color, ms=4, label=f"{name} validation")
+            ax.plot(steps, values, "o" if k == 0 else "x", color=color, ms=7 if k == 0 else 6,
+                    mfc="none" if k == 0 else color, label=f"{name} validation")
     ax.axhline(math.log(vocab), color="gray", lw=0.8, ls=":", label=f"ln(vocab) = {math.log(vocab):.2f}")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/char)")

@@ -578,3 +578,22 @@ def test_cuda_backend_through_the_layer_in_the_simulator() -> None:
     proc = subprocess.run([sys.executable, "-c", CUDASIM], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+# -- the bench ------------------------------------------------------------------------------------------
+def test_bench_torch_layer_times_the_raw_step_and_the_layer(monkeypatch, capsys) -> None:
+    from argparse import Namespace
+
+    from cellgen import cli
+    from cellgen.tools import bench, bench_torch_layer
+
+    monkeypatch.setattr(bench_torch_layer, "load_module", lambda spec: module("basic_rnn"))
+    args = Namespace(threads=1, recompute=False, backend="cpu", repeat=2, warmup=1, no_torch=True)
+    result = bench_torch_layer.bench_layer_one("specs/basic_rnn.py", "tiny", (2, 3, 4, 5), args,
+                                               bench.Progress(2))
+    assert set(result.times) == {"raw vjp", "torch layer"} and result.notes["layer_max_abs_diff"] == 0.0
+    assert result.notes["paired_ratio"] > 0
+    table = bench_torch_layer.layer_table([result])
+    assert "basic_rnn" in table and "layer/raw" in table and "paired" in table
+    assert cli.main(["bench", "specs/basic_rnn.py", "--torch-layer"]) == 2
+    assert "--torch-layer needs --train" in capsys.readouterr().err
