@@ -360,10 +360,11 @@ class _Backward:
         changed = True
         while changed:
             changed = False
-            for name, size, store in state_stores:
+            for name, size, _ in state_stores:
                 array, level = adjoint_state_array(name), level_of[name]
                 readers = [(lv, sz) for lv, sz, st in others if reads(st, array)]
-                readers += [(level_of[other], sz) for other, sz, st in state_stores if other != name and reads(st, array)]
+                readers += [(level_of[other], sz) for other, sz, st in state_stores
+                            if other != name and reads(st, array)]
                 if level and any(lv < level or (lv == level and sz != size) for lv, sz in readers):
                     level_of[name], changed = 0, True
         return [(level_of[name], (size, store)) for name, size, store in state_stores]
