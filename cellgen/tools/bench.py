@@ -176,6 +176,14 @@ def _torch_times(module, params, inputs, expected, num_units: int, args) -> dict
                       **{f"param:{k}": v for k, v in params.items()})
 
 
+def add_torch_times(result, torch_job: dict | None) -> None:
+    """A torch job's timings (when it ran) into ``result.times["torch"]``, its other fields into the notes."""
+    if torch_job is not None and "error" not in torch_job:
+        result.times["torch"] = {"best": torch_job.pop("best"), "median": torch_job.pop("median")}
+    if torch_job is not None:
+        result.notes["torch"] = torch_job
+
+
 def _torch_train_times(module, params, inputs, hyper, expected, grads, num_units: int,
                        args) -> dict[str, object] | None:
     """A torch training step (nn.LSTM/GRU, or an eager loop for lstm/qrnn) in a subprocess."""
@@ -279,11 +287,7 @@ def bench_train_one(spec_path: str, label: str, shape: tuple[int, int, int, int]
            "floor after loop": parts["after loop"]}
     result.times.update(timed_blocks(fns, args.repeat, args.warmup))
     progress.step(f"{module.NAME} {label} in-process (train)")
-    torch = _torch_train_times(module, params, inputs, hyper, expected, grads, num_units, args)
-    if torch is not None and "error" not in torch:
-        result.times["torch"] = {"best": torch.pop("best"), "median": torch.pop("median")}
-    if torch is not None:
-        result.notes["torch"] = torch
+    add_torch_times(result, _torch_train_times(module, params, inputs, hyper, expected, grads, num_units, args))
     progress.step(f"{module.NAME} {label} torch (train)")
     return result
 

@@ -29,6 +29,7 @@ from cellgen.tools.bench import (
     Result,
     _ms,
     _torch_train_times,
+    add_torch_times,
     _x,
     load_module,
     timed_blocks,
@@ -90,11 +91,7 @@ def bench_layer_one(spec_path: str, label: str, shape: tuple[int, int, int, int]
                                                                                            b["median"]]))}
     result.notes["paired_ratio"] = paired_ratio(raw, layer_step, args.repeat)
     progress.step(f"{module.NAME} {label} raw vjp / torch layer")
-    torch_job = _torch_train_times(module, params, inputs, hyper, expected, grads, num_units, args)
-    if torch_job is not None and "error" not in torch_job:
-        result.times["torch"] = {"best": torch_job.pop("best"), "median": torch_job.pop("median")}
-    if torch_job is not None:
-        result.notes["torch"] = torch_job
+    add_torch_times(result, _torch_train_times(module, params, inputs, hyper, expected, grads, num_units, args))
     progress.step(f"{module.NAME} {label} torch (train)")
     return result
 
