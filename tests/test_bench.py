@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cellgen.tools.bench import Result, merge_rounds
+from cellgen.tools.bench_common import Result, merge_rounds
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,7 @@ For each spec and shape, in ONE process, on the same float32 weights and inputs:
                    own as in ``--train`` (:mod:`cellgen.tools.bench_torch`).
 
 The raw step and the layer step alternate in blocks (raw, layer, raw, layer), each block after a
-pause (:func:`cellgen.tools.bench.timed_blocks`); each figure is the best of its two blocks (and
+pause (:func:`cellgen.tools.bench_common.timed_blocks`); each figure is the best of its two blocks (and
 of ``--rounds``). The layer's gradients are checked against the raw step's (max abs difference).
 """
 
@@ -22,15 +22,15 @@ import time
 
 import numpy as np
 
-from cellgen.tools.bench import (
+from cellgen.tools.bench_common import (
     BENCH_HYPER,
     BENCH_SIZES,
     Progress,
     Result,
-    _ms,
-    _torch_train_times,
+    ms_cell,
+    torch_train_job,
     add_torch_times,
-    _x,
+    ratio_cell,
     load_module,
     timed_blocks,
 )
@@ -91,7 +91,7 @@ def bench_layer_one(spec_path: str, label: str, shape: tuple[int, int, int, int]
                                                                                            b["median"]]))}
     result.notes["paired_ratio"] = paired_ratio(raw, layer_step, args.repeat)
     progress.step(f"{module.NAME} {label} raw vjp / torch layer")
-    add_torch_times(result, _torch_train_times(module, params, inputs, hyper, expected, grads, num_units, args))
+    add_torch_times(result, torch_train_job(module, params, inputs, hyper, expected, grads, num_units, args))
     progress.step(f"{module.NAME} {label} torch (train)")
     return result
 
@@ -118,9 +118,10 @@ def layer_table(results: list[Result]) -> str:
     lines = ["training step through the torch layer (forward + backward of sum(outputs)):", head, "-" * len(head)]
     for r in results:
         torch = r.notes.get("torch") if isinstance(r.notes.get("torch"), dict) else {}
-        lines.append(f"{r.spec:<11} {r.shape:<5} " + " ".join(_ms(r, n) for n in LAYER_IMPLS) + "  "
-                     + f"{_x(r.ratio('torch layer', 'raw vjp')):>9} {r.notes.get('paired_ratio', float('nan')):6.2f}x "
-                     + f"{_x(r.ratio('torch layer', 'torch')):>11}  "
+        lines.append(f"{r.spec:<11} {r.shape:<5} " + " ".join(ms_cell(r, n) for n in LAYER_IMPLS) + "  "
+                     + f"{ratio_cell(r.ratio('torch layer', 'raw vjp')):>9} "
+                     + f"{r.notes.get('paired_ratio', float('nan')):6.2f}x "
+                     + f"{ratio_cell(r.ratio('torch layer', 'torch')):>11}  "
                      + f"{torch.get('impl', '-'):<24} {r.notes.get('layer_max_abs_diff', float('nan')):8.1e}")
     lines.append("times: best (median) of the repeats, raw and layer each the best of two alternating blocks; ratios "
                  "from best times; paired: the median of layer/raw over back-to-back pairs; max|d|: the layer's "
