@@ -211,6 +211,20 @@ def test_bench_cuda_forward_repeats_one_call(name: str) -> None:
         np.testing.assert_array_equal(state.copy_to_host(), before)
 
 
+def test_bench_cuda_compares_a_fresh_call(monkeypatch) -> None:
+    """Issue 13: the output bench_cuda compares with torch's is a call on the fresh inputs and states,
+    the CPU backend's numbers, not one made from states the timed runs have advanced (0.18 off)."""
+    from cellgen.tools import bench_cuda
+
+    compared = []
+    monkeypatch.setattr(bench_cuda, "_torch_row", lambda module, params, call, out, *_: compared.append(
+        (params, call.xs.copy_to_host(), out)))
+    bench_cuda.bench_cuda([_module("lstm")], [("tiny", (3, 4, 5, 6))], repeat=2, warmup=1, torch=True)
+    ((params, xs, out),) = compared
+    want, _ = _module("lstm").dynamic_rnn(params, xs, time_major=True)
+    _close(out, want, np.float32)
+
+
 @pytest.mark.parametrize(("name", "batch", "steps"), [("lstm", 0, 3), ("lstm", 2, 0), ("qrnn", 0, 3), ("qrnn", 2, 0)])
 def test_empty_batch_or_time(name: str, batch: int, steps: int) -> None:
     params, inputs, state, _ = _case(name, np.float64, max(batch, 1), max(steps, 1), 3, 4, 3)
