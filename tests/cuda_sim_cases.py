@@ -138,6 +138,100 @@ def test_device_arrays_in_and_out(time_major: bool) -> None:
         np.testing.assert_array_equal(dev.copy_to_host(), initial)
 
 
+def test_host_parameters_cached_until_changed_in_place() -> None:
+    """Issue 13, item 4: a second call reuses the uploaded weights and the device buffers and gives the
+    same numbers; a parameter changed in place between calls (a kernel, a peephole vector) is packed
+    and uploaded again: never a stale weight."""
+    from cellgen.backends.cuda import reuse
+    from cellgen.backends.cuda.runtime import POOL
+
+    dtype = np.float32
+    params, inputs, state, lengths = _case("lstm", dtype, 3, 4, 3, 5, 4)
+    mod = _module("lstm")
+
+    def both():
+        args = {"sequence_length": lengths, "initial_state": state, **LSTM_HYPER}
+        return mod.dynamic_rnn(params, inputs, backend="cuda", **args), mod.dynamic_rnn(params, inputs, **args)
+
+    (out1, st1), (cpu1, _) = both()
+    packs, allocations = reuse.WEIGHTS.packs, POOL.allocations
+    (out2, st2), _ = both()
+    assert (reuse.WEIGHTS.packs, POOL.allocations) == (packs, allocations)  # nothing packed, nothing allocated
+    np.testing.assert_array_equal(out2, out1)
+    for a, b in zip(st2, st1, strict=True):
+        np.testing.assert_array_equal(a, b)
+    _close(out1, cpu1, dtype)
+    for name in ("kernel", "w_f_diag"):
+        params[name] *= 1.5  # in place: same array, same address
+        (out3, st3), (cpu3, cst3) = both()
+        _close(out3, cpu3, dtype)
+        for a, b in zip(st3, cst3, strict=True):
+            _close(a, b, dtype)
+        assert np.abs(out3 - out1).max() > 1e-3
+        assert reuse.WEIGHTS.packs == packs + 1
+        packs += 1
+
+
+class _TransferSpy:
+    """Counts device-to-host copies and host reads of simulated device arrays, and host-to-device uploads."""
+
+    def __init__(self, monkeypatch) -> None:
+        from numba import cuda
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        self.to_host, self.to_device, self.host_reads = [], [], []
+        copy, forward, upload = FakeCUDAArray.copy_to_host, FakeCUDAArray.__getattr__, cuda.to_device
+
+        def copy_to_host(arr, *args, **kwargs):
+            self.to_host.append((arr.shape, np.dtype(arr.dtype)))
+            return copy(arr, *args, **kwargs)
+
+        def getattr_(arr, name):
+            if name.startswith("__array"):  # np.asarray(device array): a silent host read in the simulator
+                self.host_reads.append(name)
+            return forward(arr, name)
+
+        def to_device(obj, *args, **kwargs):
+            self.to_device.append(np.shape(obj))
+            return upload(obj, *args, **kwargs)
+
+        monkeypatch.setattr(FakeCUDAArray, "copy_to_host", copy_to_host)
+        monkeypatch.setattr(FakeCUDAArray, "__getattr__", getattr_)
+        monkeypatch.setattr(cuda, "to_device", to_device)
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm"])
+def test_device_arrays_never_go_through_the_host(name: str, monkeypatch) -> None:
+    """Issue 13, item 4: device parameters, inputs and states are packed and copied on the device only
+    (the device lengths' B values are read for their range check, nothing else comes back), the
+    results equal the CPU backend's, and a device parameter changed in place is picked up."""
+    from numba import cuda
+
+    dtype = np.float32
+    params, inputs, state, lengths = _case(name, dtype, 3, 4, 3, 5, 4)
+    hyper = LSTM_HYPER if name == "lstm" else {}
+    mod = _module(name)
+    dev = {k: cuda.to_device(v) for k, v in params.items()}
+    args = {"sequence_length": cuda.to_device(lengths.astype(np.int64)), **hyper}
+    dev_x, dev_state = cuda.to_device(inputs), tuple(cuda.to_device(s) for s in state)
+    spy = _TransferSpy(monkeypatch)
+    runs = [mod.dynamic_rnn(dev, dev_x, initial_state=dev_state, backend="cuda", **args) for _ in range(2)]
+    first = params[next(iter(params))]
+    first *= 1.5
+    dev[next(iter(params))].copy_to_device(first)  # changed in place on the device
+    runs.append(mod.dynamic_rnn(dev, dev_x, initial_state=dev_state, backend="cuda", **args))
+    assert spy.to_host == [((3,), np.dtype(np.int64))] * 3 and spy.host_reads == [] and spy.to_device == []
+    monkeypatch.undo()
+    (out, final), (out2, final2), (out3, final3) = runs
+    np.testing.assert_array_equal(out2.copy_to_host(), out.copy_to_host())
+    cpu = mod.dynamic_rnn(params, inputs, sequence_length=lengths, initial_state=state, **hyper)
+    _close(out3.copy_to_host(), cpu[0], dtype)
+    for got, want in zip(final3, cpu[1], strict=True):
+        _close(got.copy_to_host(), want, dtype)
+    for d, s in zip(dev_state, state, strict=True):  # the caller's initial state is not overwritten
+        np.testing.assert_array_equal(d.copy_to_host(), s)
+
+
 MIXED_SPEC = '''"""A cell no shipped spec resembles: a stage-0 operand buffer (c * c), two gate sizes in one GEMM."""
 
 from cellgen.dsl import Cell, sigmoid, tanh

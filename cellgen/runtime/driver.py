@@ -69,7 +69,7 @@ class HostArrays:
     """Where the cpu and reference backends' arrays live: NumPy, on the host.
 
     A backend whose arrays live elsewhere (cuda: :class:`cellgen.backends.cuda.runtime.DeviceArrays`)
-    gives the driver an object with these four methods; the driver itself never names a backend.
+    gives the driver an object with these methods; the driver itself never names a backend.
     """
 
     def prepare(self, cell: CellInfo, params, inputs, sequence_length, initial_state, time_major: bool,
@@ -99,6 +99,9 @@ class HostArrays:
     def adjoint(self, call: Call, a: np.ndarray):
         """A gradient, where the call's arrays live (the host)."""
         return a
+
+    def release(self, call: Call, out, states: list) -> None:
+        """After a plain forward's :meth:`finish`: buffers the call no longer needs (none on the host)."""
 
 
 HOST = HostArrays()
@@ -145,7 +148,9 @@ def dynamic_rnn(cell: CellInfo, params, inputs, *, sequence_length=None, initial
     entry = backend_run(cell, backend)
     call = entry.arrays.prepare(cell, params, inputs, sequence_length, initial_state, time_major, hyper or {})
     out, states = run(cell, call, entry)
-    return entry.arrays.finish(cell, out, states, time_major, call)
+    result = entry.arrays.finish(cell, out, states, time_major, call)
+    entry.arrays.release(call, out, states)
+    return result
 
 
 def cell_step(cell: CellInfo, params, inputs, state, hyper):
@@ -180,7 +185,10 @@ def bidirectional_dynamic_rnn(cell: CellInfo, params_fw, params_bw, inputs, *, s
     bw = arrays.prepare(cell, params_bw, inputs, sequence_length, initial_state_bw, time_major, hyper,
                         "initial_state_bw")
     bw.xs = arrays.reverse_sequence(bw.xs, bw.lengths)
-    out_fw, state_fw = arrays.finish(cell, *run(cell, fw, entry), time_major, fw)
-    out_bw, states_bw = run(cell, bw, entry)
-    out_bw, state_bw = arrays.finish(cell, arrays.reverse_sequence(out_bw, bw.lengths), states_bw, time_major, bw)
+    out, states = run(cell, fw, entry)
+    out_fw, state_fw = arrays.finish(cell, out, states, time_major, fw)
+    arrays.release(fw, out, states)
+    out, states_bw = run(cell, bw, entry)
+    out_bw, state_bw = arrays.finish(cell, arrays.reverse_sequence(out, bw.lengths), states_bw, time_major, bw)
+    arrays.release(bw, out, states_bw)
     return (out_fw, out_bw), (state_fw, state_bw)

@@ -109,12 +109,13 @@ def matmul(a, w, bias, c, transpose_a: bool = False) -> Any:
     return c
 
 
-def hoisted_gemm(xs, weight, bias) -> Any:
-    """``xs [T, B, I] @ weight [I, N] + bias`` over all T*B rows, on the device: [T, B, N]."""
+def hoisted_gemm(xs, weight, bias, allocate: Callable | None = None) -> Any:
+    """``xs [T, B, I] @ weight [I, N] + bias`` over all T*B rows, on the device: [T, B, N]
+    (into ``allocate((T, B, N), dtype)``, e.g. a pooled buffer, if given)."""
     steps, batch, size = xs.shape
     width = weight.shape[1]
-    pre = rt.empty((steps * batch, width), xs.dtype)
+    pre = (allocate or rt.empty)((steps, batch, width), xs.dtype)
     if steps * batch and width:
         grid = (rt.blocks(width, TILE), rt.blocks(steps * batch, TILE))
-        kernel(xs.dtype)[grid, BLOCK](xs.reshape(steps * batch, size), weight, bias, pre)
-    return pre.reshape(steps, batch, width)
+        kernel(xs.dtype)[grid, BLOCK](xs.reshape(steps * batch, size), weight, bias, pre.reshape(steps * batch, width))
+    return pre

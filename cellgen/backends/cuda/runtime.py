@@ -4,14 +4,17 @@ TF 1.x ``dynamic_rnn`` / ``bidirectional_dynamic_rnn`` around a module's ``backe
 
 Arrays in and out may be NumPy (copied to the device and back) or device arrays: numba
 device arrays or anything with ``__cuda_array_interface__`` (CuPy, PyTorch CUDA tensors),
-used without a copy; device inputs give numba device arrays back. Parameters are packed
-on the host and uploaded once per call. ``numba.cuda`` is imported on first use only, so a
-CPU-only install imports this module; ``NUMBA_ENABLE_CUDASIM=1`` runs everything in numba's
-simulator.
+used without a copy; device inputs give numba device arrays back. Device parameters, inputs
+and states never go through the host (their checks read shapes and dtypes; a device
+``sequence_length``'s B values are read to check their range); host parameters are packed and
+uploaded once and reused while unchanged (:mod:`cellgen.backends.cuda.reuse`). ``numba.cuda`` is
+imported on first use only, so a CPU-only install imports this module; ``NUMBA_ENABLE_CUDASIM=1``
+runs everything in numba's simulator.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -98,6 +101,22 @@ def as_device(a) -> Any:
     return module.to_device(np.ascontiguousarray(a))
 
 
+def contiguous(a) -> Any:
+    """A device array as a C-contiguous numba device array (a device copy only where it is not)."""
+    arr = as_device(a)
+    if _c_contiguous(arr):
+        return arr
+    out = empty(arr.shape, arr.dtype)
+    copy_into(out, arr)
+    return out
+
+
+def shape_only(a) -> np.ndarray:
+    """A host stand-in with a device array's shape and dtype and no data (for the host checks)."""
+    arr = as_device(a)
+    return np.broadcast_to(np.zeros((), dtype=np.dtype(arr.dtype)), tuple(arr.shape))
+
+
 def to_host(a) -> np.ndarray:
     """A NumPy copy of a device array; host arrays as they are."""
     if is_device_array(a):
@@ -105,10 +124,91 @@ def to_host(a) -> np.ndarray:
     return np.asarray(a)
 
 
-def _host_tree(value):
-    if value is None or isinstance(value, np.ndarray) or not isinstance(value, Sequence):
-        return to_host(value) if value is not None and is_device_array(value) else value
-    return type(value)(*map(to_host, value)) if hasattr(value, "_fields") else [to_host(v) for v in value]
+def _is_sequence(value) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, np.ndarray | str | bytes)
+
+
+def _state_items(initial_state) -> list[Any] | None:
+    """The user's states one by one (a single array for a one-state cell too); None when not a sequence
+    of them (None, or a malformed value the host checks reject with their message)."""
+    if _is_sequence(initial_state):
+        return list(initial_state)
+    if initial_state is not None and is_device_array(initial_state):
+        return [initial_state]
+    if isinstance(initial_state, np.ndarray):
+        return [initial_state]
+    return None
+
+
+def _upload(host: np.ndarray) -> Any:
+    """A host array in a pooled device buffer."""
+    out = POOL.take(host.shape, host.dtype)
+    if host.size:
+        out.copy_to_device(np.ascontiguousarray(host))
+    return out
+
+
+def _device_lengths(given, checked: np.ndarray) -> Any:
+    """The checked int64 lengths on the device: the caller's device array itself when it is int64 and contiguous."""
+    if given is not None and is_device_array(given):
+        arr = as_device(given)
+        if np.dtype(arr.dtype) == np.int64 and _c_contiguous(arr) and arr.ndim == 1:
+            return arr
+    return as_device(checked)
+
+
+# -- buffers reused across calls -----------------------------------------------------------------
+#: Free buffers kept per (shape, dtype).
+POOL_PER_KEY = 4
+
+
+class BufferPool:
+    """Free device buffers by (shape, dtype); :meth:`take` reuses one or allocates.
+
+    A call takes its buffers and gives back those whose values are no longer needed: the hoisted
+    ``pre``, operand buffers and double-buffer halves once the forward's launches are queued; a
+    host call's uploaded inputs, outputs and states once its results were copied back
+    (:meth:`DeviceArrays.release`). Everything runs on the default stream, so a buffer given back is
+    written again only after the kernels queued before that read it. Never pooled: whatever a
+    caller holds (device results, a training call's arrays that its backward reads).
+    """
+
+    def __init__(self, per_key: int = POOL_PER_KEY) -> None:
+        self.per_key = per_key
+        self._free: dict[tuple, list[Any]] = {}
+        self._lock = threading.Lock()
+        self.allocations = 0
+
+    @staticmethod
+    def _key(shape, dtype) -> tuple:
+        return tuple(int(d) for d in shape), np.dtype(dtype).str
+
+    def take(self, shape: tuple[int, ...], dtype) -> Any:
+        """A device array of ``shape`` and ``dtype`` with undefined contents, now the caller's."""
+        key = self._key(shape, dtype)
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                return free.pop()
+            self.allocations += 1
+        return empty(key[0], dtype)
+
+    def give(self, *arrays: Any) -> None:
+        """Hand buffers back (each at most once, none still read by the caller after this)."""
+        with self._lock:
+            for a in arrays:
+                if a is None or not is_device_array(a):
+                    continue
+                free = self._free.setdefault(self._key(a.shape, a.dtype), [])
+                if len(free) < self.per_key and all(f is not a for f in free):
+                    free.append(a)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
+POOL = BufferPool()
 
 
 # -- weights ------------------------------------------------------------------------------------
@@ -190,13 +290,50 @@ def _last_input_kernel(xs, lengths, initial, dst):
             dst[b, f] = initial[b, f]
 
 
+def _block1_kernel(src, dst, mode):
+    """dst = 0 (mode 0), src (1) or dst + src (2), elementwise over a 1-D array (any strides, cast on store)."""
+    for e in range(cuda.grid(1), dst.shape[0], cuda.gridsize(1)):
+        if mode == 0:
+            dst[e] = 0
+        elif mode == 1:
+            dst[e] = src[e]
+        else:
+            dst[e] += src[e]
+
+
+def _block2_kernel(src, dst, mode):
+    """:func:`_block1_kernel` over a 2-D array."""
+    n0, n1 = dst.shape
+    for e in range(cuda.grid(1), n0 * n1, cuda.gridsize(1)):
+        i = e // n1
+        j = e - i * n1
+        if mode == 0:
+            dst[i, j] = 0
+        elif mode == 1:
+            dst[i, j] = src[i, j]
+        else:
+            dst[i, j] += src[i, j]
+
+
+def _interleave_kernel(src, dst, gates):
+    """:func:`interleave` on the device: dst[r, u * gates + g] = src[r, g * units + u]."""
+    rows, width = dst.shape
+    units = width // gates
+    for e in range(cuda.grid(1), rows * width, cuda.gridsize(1)):
+        r = e // width
+        c = e - r * width
+        u = c // gates
+        dst[r, c] = src[r, (c - u * gates) * units + u]
+
+
 _COPY_KERNELS: dict[str, Any] = {}
 
 
 def _copy_kernel(name: str):
     if not _COPY_KERNELS:
         _COPY_KERNELS.update(vars(jit_kernels({"permute": _permute_kernel, "reverse": _reverse_kernel,
-                                               "last_input": _last_input_kernel})))
+                                               "last_input": _last_input_kernel, "block1": _block1_kernel,
+                                               "block2": _block2_kernel, "interleave": _interleave_kernel})))
     return _COPY_KERNELS[name]
 
 
@@ -206,9 +343,47 @@ def _launch(name: str, total: int, *args) -> None:
         _copy_kernel(name)[grid, COPY_THREADS](*args)
 
 
-def swap_time_batch(a) -> Any:
-    """[X, Y, F] -> a new C-contiguous [Y, X, F] device array."""
-    out = empty((a.shape[1], a.shape[0], a.shape[2]), a.dtype)
+def _block(dst, src, mode: int) -> None:
+    if dst.ndim not in (1, 2):
+        raise ValueError(f"a device block copy takes 1-D or 2-D arrays, got shape {tuple(dst.shape)}")
+    if src is not None and tuple(src.shape) != tuple(dst.shape):
+        raise ValueError(f"a device block copy needs equal shapes, got {tuple(src.shape)} into {tuple(dst.shape)}")
+    _launch(f"block{dst.ndim}", int(np.prod(dst.shape)), dst if src is None else as_device(src), dst, mode)
+
+
+def copy_into(dst, src) -> None:
+    """``dst[...] = src`` on the device (a view of a bigger array too; the dtype cast on the store)."""
+    _block(dst, src, 1)
+
+
+def add_into(dst, src) -> None:
+    """``dst[...] += src`` on the device."""
+    _block(dst, src, 2)
+
+
+def device_zeros(shape: tuple[int, ...], dtype) -> Any:
+    """A zero-filled device array, filled on the device (no host upload)."""
+    out = empty(shape, dtype)
+    if out.ndim in (1, 2):
+        _block(out, None, 0)
+    else:
+        _block(out.reshape(int(np.prod(out.shape))), None, 0)
+    return out
+
+
+def device_interleave(weight, gates: int) -> Any:
+    """:func:`interleave` of a device weight into a new C-contiguous device array (gates == 1: contiguous)."""
+    arr = as_device(weight)
+    if gates == 1:
+        return contiguous(arr)
+    out = empty(arr.shape, arr.dtype)
+    _launch("interleave", int(np.prod(out.shape)), arr, out, gates)
+    return out
+
+
+def swap_time_batch(a, allocate=None) -> Any:
+    """[X, Y, F] -> a new C-contiguous [Y, X, F] device array (from ``allocate(shape, dtype)`` if given)."""
+    out = (allocate or empty)((a.shape[1], a.shape[0], a.shape[2]), a.dtype)
     _launch("permute", int(np.prod(out.shape)), a, out, True)
     return out
 
@@ -272,22 +447,44 @@ class DeviceArrays:
 
     def prepare(self, cell: driver.CellInfo, params, inputs, sequence_length, initial_state, time_major: bool,
                 hyper: dict, argument: str = "initial_state") -> DeviceCall:
-        """Check every argument with the host driver's checks (on host copies of parameters, lengths and
-        states; on the shape alone for device inputs), then put the inputs, lengths and states on the device."""
+        """Check every argument with the host driver's checks, then put the inputs, lengths and states on
+        the device. Device arrays are checked by shape and dtype (host stand-ins without data, never a
+        copy) and stay where they are: device parameters as they are, device states copied on the device
+        (the kernels update states in place); a device ``sequence_length``'s values are read to check them."""
         numba_cuda()
-        host_params = {k: to_host(v) for k, v in params.items()} if isinstance(params, Mapping) else params
+        given = dict(params) if isinstance(params, Mapping) else None
+        checkable = params if given is None else {k: shape_only(v) if is_device_array(v) else v
+                                                  for k, v in given.items()}
         lengths = None if sequence_length is None else to_host(sequence_length)
-        state = _host_tree(initial_state)
+        user_states = _state_items(initial_state)
+        if user_states is not None:
+            stand_ins = [shape_only(s) if is_device_array(s) else s for s in user_states]
+            state_arg = stand_ins[0] if len(stand_ins) == 1 and not _is_sequence(initial_state) else stand_ins
+        else:
+            state_arg = initial_state if initial_state is None or not is_device_array(initial_state) \
+                else shape_only(initial_state)
         on_host = not is_device_array(inputs)
         if on_host:
-            call = driver.prepare(cell, host_params, inputs, lengths, state, time_major, hyper, argument)
-            xs = as_device(call.xs)
+            call = driver.prepare(cell, checkable, inputs, lengths, state_arg, time_major, hyper, argument)
+            xs = _upload(call.xs)
         else:
             xs = to_time_major(inputs, time_major)
-            shape_only = np.empty(xs.shape, np.dtype(xs.dtype))  # never touched: the checks read its shape
-            call = driver.prepare(cell, host_params, shape_only, lengths, state, True, hyper, argument)
-        return DeviceCall(xs, as_device(call.lengths), [as_device(s) for s in call.states], call.params,
-                          call.hyper, call.sizes, on_host)
+            call = driver.prepare(cell, checkable, shape_only(xs), lengths, state_arg, True, hyper, argument)
+        device_params = {k: as_device(given[k]) if given is not None and is_device_array(given[k]) else v
+                         for k, v in call.params.items()}
+        states = []
+        for k, checked in enumerate(call.states):
+            source = None if user_states is None else user_states[k]
+            if initial_state is None:
+                states.append(device_zeros(checked.shape, checked.dtype))
+            elif source is not None and is_device_array(source):
+                state = POOL.take(checked.shape, checked.dtype)
+                copy_into(state, as_device(source))  # cast to the inputs' dtype on the device
+                states.append(state)
+            else:
+                states.append(_upload(checked))
+        return DeviceCall(xs, _device_lengths(sequence_length, call.lengths), states, device_params, call.hyper,
+                          call.sizes, on_host)
 
     def reverse_sequence(self, xs, lengths) -> Any:
         return reverse_sequence(xs, lengths)
@@ -297,11 +494,20 @@ class DeviceArrays:
 
     def finish(self, cell: driver.CellInfo, out, states: list[Any], time_major: bool, call: DeviceCall):
         """Outputs batch-major unless ``time_major``; NumPy arrays back when the inputs were NumPy's."""
+        if call.on_host:
+            batch_major = None if time_major else swap_time_batch(out, POOL.take)
+            host = (out if batch_major is None else batch_major).copy_to_host()
+            POOL.give(batch_major)
+            return host, cell.state_class(*(s.copy_to_host() for s in states))
         if not time_major:
             out = swap_time_batch(out)
-        if call.on_host:
-            return out.copy_to_host(), cell.state_class(*(s.copy_to_host() for s in states))
         return out, cell.state_class(*states)
+
+    def release(self, call: DeviceCall, out, states: list[Any]) -> None:
+        """After :meth:`finish` of a plain forward: a host call's device inputs, outputs and states go
+        back to :data:`POOL` (their values are on the host now); a device call's are the caller's."""
+        if call.on_host:
+            POOL.give(call.xs, out, *states)
 
     def to_host(self, a) -> np.ndarray:
         return to_host(a)
