@@ -131,6 +131,46 @@ class StepAdjoint:
     x_prev: sympy.Expr  # the elementwise part of the delay state's (x_{t-1}) adjoint
 
 
+def _reverse_mode(produced: list[tuple[sympy.Expr, sympy.Symbol, tuple[str, int, str]]]):
+    """``leaf -> its adjoint``: the chain rule from the produced values' adjoints, through their shared parts.
+
+    A value produced twice (the output is the new h) is differentiated once with the sum of its
+    adjoints. A produced value inside another (the new c inside the new h = o * tanh(new c)) is an
+    intermediate: it gets a symbol, its total adjoint (its own plus what every value containing it
+    sends it) is formed once, and its leaves' adjoints are that total times its own derivative:
+    ``d_c_total * dc/df``, not ``d_new_c * dc/df + d_h * dh/dc * dc/df`` with the product spread
+    out, so the factor is computed once per step (CSE) instead of multiplied out in every gate's adjoint.
+    """
+    merged: dict[sympy.Expr, tuple[sympy.Expr, tuple[str, int, str]]] = {}
+    for expr, adj, where in produced:
+        total, first = merged.get(expr, (sympy.Integer(0), where))
+        merged[expr] = (total + adj, first)
+    exprs = list(merged)
+    inner = {e: sympy.Symbol(f"_inner{k}", real=True) for k, e in enumerate(exprs)
+             if not e.is_Atom and any(o != e and o.has(e) for o in exprs)}
+    reduced = {e: e.xreplace({i: sym for i, sym in inner.items() if i != e}) for e in exprs}
+    back = {sym: e for e, sym in inner.items()}
+    totals: dict[sympy.Expr, sympy.Expr] = {}
+
+    def total(e: sympy.Expr) -> sympy.Expr:
+        """The whole adjoint of produced value ``e`` (its own and, if inner, every container's share)."""
+        if e not in totals:
+            adj, _ = merged[e]
+            if e in inner:
+                adj += sympy.Add(*(total(o) * derivative(reduced[o], inner[e], merged[o][1])
+                                   for o in exprs if o != e and reduced[o].has(inner[e])))
+            totals[e] = adj
+        return totals[e]
+
+    def adjoint(leaf: sympy.Symbol) -> sympy.Expr:
+        value = sympy.Add(*(total(e) * derivative(reduced[e], leaf, merged[e][1]) for e in exprs))
+        while value.has(*back):
+            value = value.xreplace(back)
+        return value
+
+    return adjoint
+
+
 def is_hoisted_operand(spec: CellSpec, delay: str | None, operand: sympy.Expr) -> bool:
     """An operand whose adjoint goes to the inputs through a GEMM: ``x`` itself or the delay state."""
     return operand == spec.input.symbol or (delay is not None and operand == spec.state(delay).symbol)
@@ -156,8 +196,7 @@ def derive(spec: CellSpec, live: tuple[Linear, ...], delay: str | None) -> StepA
     for op in operands:
         produced.append((op, d_opnd[op], (spec.path, line_of_operand[op], "linear operand")))
 
-    def adjoint(leaf: sympy.Symbol) -> sympy.Expr:
-        return sympy.Add(*(adj * derivative(expr, leaf, where) for expr, adj, where in produced))
+    adjoint = _reverse_mode(produced)
 
     gates = {g: adjoint(g) for lin in live for g in lin.gates}
     states = {s.name: adjoint(s.symbol) for s in recurrent}

@@ -2,8 +2,12 @@
 
 The backward of a fused step is fused the same way, reversed (docs/training.md):
 
-* the forward saves, every step, each recurrent state's value before the step and each live
-  gate's value (its linear's result): ``sv_<name>[t, b, j]`` (:func:`with_saves`);
+* the forward saves, every step, what the backward reads (:func:`saved_values`): each
+  activation (a sigmoid, tanh or exp of the step's values) the adjoints read, which makes the
+  backward's derivatives products (``s*(1 - s)``, ``1 - t**2``) instead of transcendentals, and
+  each recurrent state's value before the step and each live gate's value (its linear's result)
+  that the adjoints still read once the activations are substituted: ``sv_<name>[t, b, j]``
+  (:func:`with_saves`);
 * ONE reverse time loop runs, per step, the backward epilogues and the transposed recurrent
   GEMMs, stages in reverse order: epilogue n (the gates the updates and the output read last),
   ``drec{n-1} = dg{n-1}[t] @ W_{n-1}^T``, epilogue n-1, ..., ``drec0 = dg0[t] @ W_0^T``,
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 
 import sympy
 
+from cellgen.frontend.dsl import sigmoid
 from cellgen.frontend.spec import CellSpec, Linear
 from cellgen.ir.adjoint import StepAdjoint, derive
 from cellgen.ir.analysis import analyse
@@ -36,6 +41,8 @@ from cellgen.ir.plan import (
     PRE,
     PRE_PREV,
     UNIT,
+    X,
+    X_PREV,
     Direction,
     Epilogue,
     FusedPlan,
@@ -88,7 +95,8 @@ class Saved:
 
     name: str
     width: sympy.Expr
-    kind: str  # "state" (its value before the step) | "gate" (its linear's result)
+    kind: str  # "state" (its value before the step) | "gate" (its linear's result) | "activation"
+    value: sympy.Expr | None = None  # an activation: its expression of the step's leaves (spec symbols)
 
     @property
     def array(self) -> str:
@@ -151,27 +159,86 @@ def _at(array: str, index: sympy.Expr) -> sympy.Indexed:
     return sympy.Indexed(sympy.IndexedBase(array), index)
 
 
-def saved_values(plan: FusedPlan) -> tuple[Saved, ...]:
+#: The functions whose derivative is a product of their own value (``sigmoid' = s*(1 - s)``,
+#: ``tanh' = 1 - t**2``, ``exp' = exp``): saved by the forward, read by the backward.
+ACTIVATIONS = (sigmoid, sympy.tanh, sympy.exp)
+
+
+def backward_reads(spec: CellSpec, plan: FusedPlan, adj: StepAdjoint) -> list[sympy.Expr]:
+    """Every expression (of the step's leaves) a backward step evaluates: the adjoints of the gates,
+    states, per-unit parameters and inputs, and the operand rows it stores for the weight GEMMs."""
+    exprs = [*adj.gates.values(), *adj.states.values(), *adj.params.values(), adj.x, adj.x_prev]
+    exprs += [op.expr for g in plan.gemms if g.direct_state is None for op in g.operands]
+    return exprs
+
+
+def forward_loads(plan: FusedPlan) -> dict[sympy.Symbol, sympy.Expr]:
+    """Each leaf of a step -> its array reads in the forward's epilogues (``analyse``'s loads table)."""
+    spec, j = plan.spec, UNIT
+    gates = {str(g): g for lin in spec.linears for g in lin.gates}
+    table = {gates[name]: load for name, load in plan.gate_loads}
+    for s in spec.states:
+        table[s.symbol] = _at(X_PREV if s.name in plan.delay_states else state_array(s.name), j)
+    table |= {p.symbol: _at(plan.param_arrays[p.name], j) for p in spec.params}
+    table[spec.input.symbol] = _at(X, j)
+    table |= {h.symbol: sympy.Symbol(hyper_name(h.name), real=True) for h in spec.hypers}
+    return table
+
+
+def _forward_loop_of(plan: FusedPlan, value: sympy.Expr) -> tuple[int, int] | None:
+    """(epilogue, loop) of the first forward loop whose stores compute ``value`` (array reads)."""
+    for k, epi in enumerate(plan.epilogues):
+        for i, loop in enumerate(epi.loops):
+            if any(st.value.has(value) for st in loop.stores):
+                return k, i
+    return None
+
+
+def saved_values(plan: FusedPlan, adj: StepAdjoint) -> tuple[Saved, ...]:
+    """What the forward (``plan``, before its passes) saves for the backward: the activations the
+    adjoints read that a forward loop computes anyway (saved from that loop, so the forward's CSE
+    computes each once), then the states and gates the adjoints still read with those substituted.
+    A state whose saved rows feed a weight GEMM (``direct_state``) is always saved."""
     spec = plan.spec
-    states = tuple(Saved(n, spec.state(n).size, "state") for n in plan.recurrent_states)
+    reads = backward_reads(spec, plan, adj)
+    loads = forward_loads(plan)
+    candidates = sorted({a for e in reads for a in e.atoms(*ACTIVATIONS)}, key=sympy.default_sort_key)
+    taken = {s.name for s in spec.states} | {str(g) for lin in spec.linears for g in lin.gates}
+    acts: dict[sympy.Expr, sympy.Symbol] = {}
+    for act in candidates:
+        if _forward_loop_of(plan, act.xreplace(loads)) is None:
+            continue  # the forward never computes it: the backward recomputes it from what it saves
+        name = f"act{len(acts)}"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        acts[act] = sympy.Symbol(name, real=True)
+    substituted = [e.xreplace(acts) for e in reads]
+    used = set().union(*(e.free_symbols for e in substituted))
+    rows = {g.direct_state for g in plan.gemms if g.direct_state is not None}
+    states = tuple(Saved(n, spec.state(n).size, "state") for n in plan.recurrent_states
+                   if n in rows or spec.state(n).symbol in used)
+    gates = {str(g): g for lin in spec.linears for g in lin.gates}
     sizes = {str(g): lin.gate_size for lin in spec.linears for g in lin.gates}
-    return states + tuple(Saved(g, sizes[g], "gate") for g, _ in plan.gate_loads)
+    kept = tuple(Saved(g, sizes[g], "gate") for g, _ in plan.gate_loads if gates[g] in used)
+    activations = tuple(Saved(str(sym), spec.size_of(act), "activation", act) for act, sym in acts.items()
+                        if sym in used)
+    return states + kept + activations
 
 
 def saved_widths(plan: FusedPlan) -> list[tuple[str, sympy.Expr]]:
     """Each value a plan's time loop saves (``TimeLoop.saved``) and its width."""
-    spec = plan.spec
-    widths = {s.name: s.size for s in spec.states} | {str(g): lin.gate_size for lin in spec.linears
-                                                        for g in lin.gates}
-    return [(n, widths[n]) for n in plan.time_loop.saved]
+    return list(plan.time_loop.saved)
 
 
 def with_saves(plan: FusedPlan, saved: tuple[Saved, ...]) -> FusedPlan:
-    """``plan`` (after its passes) with a store of every saved value, for active rows: a state's in
-    the loop that stores its new value (a loop reads every value before it stores any), a
-    gate's in the first epilogue after the GEMMs its value needs. The plan's own stores and
-    temporaries are left as they are, so the forward that saves computes the same numbers."""
+    """``plan`` (before its passes) with a store of every saved value, for active rows: a state's in
+    the loop that stores its new value (a loop reads every value before it stores any), a gate's in
+    the first epilogue after the GEMMs its value needs, an activation's in the first loop that
+    computes it. The plan's own stores are left as they are; its passes then compute each shared
+    value once (CSE), the saves' and the plan's alike."""
     loads = dict(plan.gate_loads)
+    leaves = forward_loads(plan)
     epilogues = [list(e.loops) for e in plan.epilogues]
     indices = [e.index for e in plan.epilogues]
     for sv in saved:
@@ -180,6 +247,11 @@ def with_saves(plan: FusedPlan, saved: tuple[Saved, ...]) -> FusedPlan:
             k, i = next((k, i) for k, loops in enumerate(epilogues) for i, loop in enumerate(loops)
                         if any(str(s.target.base) in targets for s in loop.stores))
             value = _at(state_array(sv.name), UNIT)
+        elif sv.kind == "activation":
+            value = sv.value.xreplace(leaves)
+            where = _forward_loop_of(plan, value)
+            assert where is not None, f"cellgen bug: no forward loop computes the saved activation {sv.value}"
+            k, i = where
         else:
             value = loads[sv.name]
             level = max([int(str(a.base)[3:]) + 1 for a in value.atoms(sympy.Indexed)
@@ -194,7 +266,7 @@ def with_saves(plan: FusedPlan, saved: tuple[Saved, ...]) -> FusedPlan:
     return dataclasses.replace(
         plan, epilogues=tuple(Epilogue(e.index, tuple(loops)) for e, loops in zip(plan.epilogues, epilogues,
                                                                                    strict=True)),
-        time_loop=dataclasses.replace(plan.time_loop, saved=tuple(sv.name for sv in saved)),
+        time_loop=dataclasses.replace(plan.time_loop, saved=tuple((sv.name, sv.width) for sv in saved)),
         batched_arrays=tuple(sorted({*plan.batched_arrays, *(sv.array for sv in saved)})))
 
 
@@ -203,17 +275,18 @@ def training_plan(spec: CellSpec) -> TrainingPlan:
     """The saving forward (passes run) and the backward plan of ``spec`` (derived once per spec:
     every backend's context asks for it)."""
     plain = analyse(spec)
-    saved = saved_values(plain)
-    forward = with_saves(run_passes(plain), saved)
-    return _Backward(plain, saved, forward).plan()
+    adj = derive(spec, live_linears(plain), plain.delay_states[0] if plain.delay_states else None)
+    saved = saved_values(plain, adj)
+    forward = run_passes(with_saves(plain, saved))
+    return _Backward(plain, adj, saved, forward).plan()
 
 
 class _Backward:
-    def __init__(self, plan: FusedPlan, saved: tuple[Saved, ...], forward: FusedPlan) -> None:
+    def __init__(self, plan: FusedPlan, adj: StepAdjoint, saved: tuple[Saved, ...], forward: FusedPlan) -> None:
         self.plan0, self.saved, self.forward = plan, saved, forward
         self.spec = plan.spec
         self.delay = plan.delay_states[0] if plan.delay_states else None
-        self.adj: StepAdjoint = derive(self.spec, live_linears(plan), self.delay)
+        self.adj = adj
         self.gemm_of_operand: dict[sympy.Expr, tuple[int, sympy.Expr]] = {}
         for g in plan.gemms:
             for op in g.operands:
@@ -223,10 +296,11 @@ class _Backward:
     def loads(self) -> dict[sympy.Symbol, sympy.Expr]:
         spec, adj, j = self.spec, self.adj, UNIT
         table: dict[sympy.Symbol, sympy.Expr] = {}
-        for sv in self.saved:
-            symbol = spec.state(sv.name).symbol if sv.kind == "state" else next(
-                g for lin in spec.linears for g in lin.gates if str(g) == sv.name)
-            table[symbol] = _at(sv.array, j)
+        gates = {str(g): g for lin in spec.linears for g in lin.gates}
+        for sv in self.saved:  # an activation's key is its expression: xreplace matches it before its leaves
+            key = (spec.state(sv.name).symbol if sv.kind == "state" else gates[sv.name] if sv.kind == "gate"
+                   else sv.value)
+            table[key] = _at(sv.array, j)
         if self.delay is not None:
             table[spec.state(self.delay).symbol] = _at(X_ALL_PREV, j)
         table[spec.input.symbol] = _at(X_ALL, j)
@@ -326,7 +400,7 @@ class _Backward:
         backward = dataclasses.replace(
             plan, gemms=gemms, epilogues=tuple(epilogues), time_loop=TimeLoop(Direction.REVERSE, True, ()),
             batched_arrays=tuple(sorted(arrays - per_unit)), double_buffered=(),
-            gate_loads=tuple((str(g), loads[g]) for lin in live_linears(plan) for g in lin.gates),
+            gate_loads=tuple((str(g), loads[g]) for lin in live_linears(plan) for g in lin.gates if g in loads),
             uses_x=False, uses_x_prev=False)
         backward = _cse(backward)
         return TrainingPlan(

@@ -115,13 +115,14 @@ class TimeLoop:
     ``in_place``: a state's new value may overwrite its old one when nothing later in the step
     reads the old value (:func:`cellgen.ir.passes.update_in_place`); a loop whose old states
     another loop needs (a forward that a backward replays without saving states) sets it False and
-    every recurrent state stays double-buffered. ``saved``: the values (gate or state names) the
-    loop stores every step for another loop, into ``[T, B, width]`` arrays named :func:`saved_array`.
+    every recurrent state stays double-buffered. ``saved``: the values the loop stores every step
+    for another loop (name and width: a gate, a state or an activation of the training issue's
+    saving forward), into ``[T, B, width]`` arrays named :func:`saved_array`.
     """
 
     direction: Direction = Direction.FORWARD
     in_place: bool = True
-    saved: tuple[str, ...] = ()
+    saved: tuple[tuple[str, sympy.Expr], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def describe(plan: FusedPlan, batch: int = 64, sizes: dict[str, int] | None = No
     loop = plan.time_loop
     in_place = "yes" if loop.in_place else "no"
     lines.append(f"  time loop: {loop.direction.value}; states may be updated in place: {in_place}"
-                 + (f"; saved per step: {', '.join(loop.saved)}" if loop.saved else ""))
+                 + (f"; saved per step: {', '.join(n for n, _ in loop.saved)}" if loop.saved else ""))
     lines.append("")
     if plan.hoisted is None:
         lines.append("hoisted GEMM: none (no linear reads the input)")
@@ -90,7 +90,9 @@ def saved_bytes(tp: TrainingPlan, batch: int, sizes: dict[sympy.Symbol, int], it
     """Bytes per time step the training forward saves: each saved value, and ``recompute``'s
     per-step share (the states only, kept at block starts)."""
     per = {sv.name: int(batch * itemsize * sympy.sympify(sv.width).subs(sizes)) for sv in tp.saved}
-    states = sum(per[sv.name] for sv in tp.saved if sv.kind == "state")
+    spec = tp.forward.spec
+    states = sum(int(batch * itemsize * sympy.sympify(spec.state(n).size).subs(sizes))
+                 for n in tp.forward.recurrent_states)
     return {**per, "total": sum(per.values()), "states": states}
 
 
@@ -103,8 +105,9 @@ def describe_training(tp: TrainingPlan, batch: int = 64, sizes: dict[str, int] |
         numeric[s] = given.get(str(s), numeric[NUM_UNITS])
     f32, f64 = saved_bytes(tp, batch, numeric, 4), saved_bytes(tp, batch, numeric, 8)
     lines = ["", f"training (dynamic_rnn_vjp) of {spec.name}:",
-             "  the forward saves per step: " + ", ".join(f"{sv.array}[B, {_dims(sv.width, numeric)}] ({sv.kind})"
-                                                     for sv in tp.saved),
+             "  the forward saves per step:",
+             *(f"      {sv.array}[B, {_dims(sv.width, numeric)}]  ({sv.kind}"
+               + ("" if sv.value is None else f": {sv.value}") + ")" for sv in tp.saved),
              f"  = {f32['total']:,} bytes per step float32 ({f64['total']:,} float64) at batch={batch}; "
              f"recompute=True keeps the states at block starts ({f32['states']:,} bytes per checkpointed step "
              f"float32) plus one block's saved values",

@@ -46,7 +46,7 @@ def _printed(kp: KernelPrinter, loops: list[Loop]) -> tuple[list[LoopText], list
 
 def _kernels(plan: FusedPlan, schedule: CpuSchedule, dtype: str, ns: str = "") -> dict[str, Any]:
     tanh = _tanh_helper(dtype)
-    rows = CPU_ROWS | {saved_array(n): "t, b" for n in plan.time_loop.saved}  # a training forward's [T, B, n] saves
+    rows = CPU_ROWS | {saved_array(n): "t, b" for n, _ in plan.time_loop.saved}  # a training forward's [T, B, n] saves
     kp = KernelPrinter(plan, dtype, fast_tanh=tanh["name"] if tanh else None, arrays=CPU_ARRAYS, rows=rows)
     by_index = {e.index: e for e in plan.epilogues}
     phases = []

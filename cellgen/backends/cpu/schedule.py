@@ -176,7 +176,7 @@ def _args(plan: FusedPlan) -> list[Arg]:
     order = [s.name for s in spec.states]
     args += [Arg(state_array(n), f"np.array(states[{order.index(n)}], order='C')") for n in plan.recurrent_states]
     args.append(Arg(OUT, "out"))
-    args += [Arg(saved_array(n), saved_array(n)) for n in plan.time_loop.saved]  # a training forward's saves
+    args += [Arg(saved_array(n), saved_array(n)) for n, _ in plan.time_loop.saved]  # a training forward's saves
     return args
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import sympy
 
 from cellgen.backends.cuda.layout import (
@@ -97,7 +98,7 @@ def _accumulators(kernel: CudaKernel) -> tuple[str, ...]:
 def _bodies(plan: FusedPlan, kernel: CudaKernel, dtype: str) -> tuple[str, str]:
     """(body, masked body) of the kernel's loops at one (row b, unit j), for ``dtype``."""
     accs = _accumulators(kernel)
-    rows = {saved_array(n): "t, b" for n in plan.time_loop.saved}  # a training forward's [T, B, n] saves
+    rows = {saved_array(n): "t, b" for n, _ in plan.time_loop.saved}  # a training forward's [T, B, n] saves
     kp = CudaKernelPrinter(plan, dtype, {kernel.gemm.result: (kernel.gemm.units, accs)} if kernel.gemm else None,
                            rows)
     body, masked = [], []
@@ -129,7 +130,10 @@ def _printed(plan: FusedPlan, kernel: CudaKernel, dtype: str, prefix: str = "") 
             "rows": print_index(g.rows), "width": print_index(g.width),
             "units": print_index(g.units), "gates": g.gates, "interleaved": g.interleaved, "tile_k": g.tile_k,
             "columns": g.columns, "threads": g.threads, "weight_tile": g.weight_tile,
-            "accs": [{"name": a, "column": c} for a, c in zip(accs, g.acc_columns, strict=True)],
+            "rows_per_thread": g.rows_per_thread, "per_thread": g.per_thread,
+            "swizzle": g.swizzle(np.dtype(dtype).itemsize),
+            "accs": [{"name": a, "column": c, "gate": k} for k, (a, c) in enumerate(zip(accs, g.acc_columns,
+                                                                                         strict=True))],
             "stores": [{"target": plain.doprint(sympy.Indexed(sympy.IndexedBase(g.result), k * g.units + UNIT)),
                         "acc": accs[k]} for k in g.stored],
         })

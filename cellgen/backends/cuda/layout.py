@@ -51,6 +51,8 @@ from cellgen.ir.plan import (
 BLOCK_UNITS, BLOCK_ROWS = 32, 4
 #: Reduction tile of a stage kernel; equal to BLOCK_UNITS so each thread loads one operand element.
 TILE_K = BLOCK_UNITS
+#: Threads of a warp, and shared-memory banks (4-byte words).
+WARP, BANKS = 32, 32
 #: The batch size of a call, as the host code names it (the y extent of every grid).
 BATCH = sympy.Symbol("B", integer=True, nonnegative=True)
 #: Plan arrays a kernel reads through a per-step view -> the host/kernel arguments behind the view.
@@ -98,7 +100,15 @@ class StageGemm:
     A block of ``block`` threads covers ``block[0]`` units of ``block[1]`` batch rows and owns the
     ``columns = block[0] * gates`` contiguous (gate-interleaved) weight columns of its units; per
     K tile of ``tile_k`` rows each thread loads one operand element and the block loads
-    ``weight_tile`` weight elements, ``threads`` at a time.
+    ``weight_tile`` weight elements: thread (tx, ty) the column tx of each ``block[0]``-column chunk
+    of the tile rows ty, ty + block[1], ... (``rows_per_thread`` rows x ``gates`` chunks, all loaded
+    into registers before any is stored; a warp reads ``block[0]`` consecutive columns). The
+    next tile's loads are issued before the current tile's FMAs.
+
+    Shared memory holds the tile gate-major, each gate's units rotated by ``swizzle * gate``
+    (``_sw[k, g * block[0] + (u + swizzle * g) % block[0]]``) so that both a warp's stores (32
+    consecutive interleaved columns: several units and gates) and its FMA reads (32 units of one
+    gate) hit 32 distinct banks.
     """
 
     stage: int
@@ -116,6 +126,9 @@ class StageGemm:
     def __post_init__(self) -> None:
         if self.tile_k != self.block[0]:  # each thread of a row loads one operand element per K tile
             raise ValueError(f"stage {self.stage}: K tile {self.tile_k} != {self.block[0]} threads along units")
+        if self.block[0] % WARP or self.tile_k % self.block[1]:  # warps along units; whole rows per thread
+            raise ValueError(f"stage {self.stage}: block {self.block} needs a multiple of {WARP} units and "
+                             f"K tile {self.tile_k} a multiple of {self.block[1]} rows")
 
     @property
     def interleaved(self) -> bool:
@@ -138,6 +151,45 @@ class StageGemm:
     def acc_columns(self) -> tuple[int, ...]:
         """Per gate, the first shared-memory column of its block (``_sw[k, g * block[0] + tx]``)."""
         return tuple(g * self.block[0] for g in range(self.gates))
+
+    @property
+    def rows_per_thread(self) -> int:
+        """Tile rows a thread loads (each in ``gates`` chunks): ``tile_k / block[1]``."""
+        return self.tile_k // self.block[1]
+
+    @property
+    def per_thread(self) -> int:
+        """Weight elements a thread holds in registers per tile (``weight_tile / threads``)."""
+        return self.rows_per_thread * self.gates
+
+    def swizzle(self, itemsize: int) -> int:
+        """The rotation per gate of the shared tile for elements of ``itemsize`` bytes (see the class)."""
+        return bank_swizzle(self.gates, self.block[0], itemsize) if self.interleaved else 0
+
+
+def store_conflicts(gates: int, units: int, swizzle: int, itemsize: int = 4) -> int:
+    """The worst bank conflict (accesses per bank in one wavefront) of a warp's stores of interleaved
+    columns: each wavefront serves ``128 / itemsize`` lanes, column c at unit ``c // gates``, gate ``c % gates``."""
+    lanes = WARP * 4 // max(itemsize, 4)
+    worst = 1
+    for start in range(0, gates * units, lanes):
+        cols = [(c % gates) * units + (c // gates + swizzle * (c % gates)) % units for c in range(start, start + lanes)]
+        banks = [(col * itemsize // 4) % BANKS for col in cols]
+        worst = max(worst, max(banks.count(b) for b in banks))
+    return worst
+
+
+def bank_swizzle(gates: int, units: int, itemsize: int = 4) -> int:
+    """The smallest rotation per gate with the fewest store conflicts (none where one exists).
+
+    A warp's FMA reads (its units of one gate) are conflict-free for any rotation. For float32 and
+    odd G the rotation is G's inverse modulo 32 (the bank is then ``swizzle * column``), for
+    G = 2^k it is 32 / G; float64 (16 lanes a wavefront) needs half of that for even G.
+
+    >>> [bank_swizzle(g, 32) for g in (1, 2, 3, 4)], [bank_swizzle(g, 32, 8) for g in (2, 3, 4)]
+    ([0, 16, 11, 8], [8, 11, 4])
+    """
+    return min(range(units), key=lambda s: (store_conflicts(gates, units, s, itemsize), s))
 
 
 @dataclass(frozen=True)
@@ -343,7 +395,7 @@ def arg_order(plan: FusedPlan) -> tuple[KernelArg, ...]:
     args += [KernelArg(state_array(n), "array2") for n in plan.recurrent_states]
     args += [KernelArg(new_state_array(n), "array2") for n in plan.recurrent_states]
     args.append(KernelArg("out", "array3"))
-    args += [KernelArg(saved_array(n), "array3") for n in plan.time_loop.saved]  # a training forward's saves
+    args += [KernelArg(saved_array(n), "array3") for n, _ in plan.time_loop.saved]  # a training forward's saves
     return tuple(args)
 
 
