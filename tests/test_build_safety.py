@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 from cellgen import cli
-from cellgen.codegen import format as format_module
 from cellgen.codegen import verify
 from cellgen import build as build_module
 from cellgen.build import build, stale, write_all
@@ -194,17 +193,16 @@ def test_a_gate_may_share_its_kernels_name_but_a_param_may_not(tmp_path: Path) -
 
 @pytest.fixture
 def fresh_verify(monkeypatch) -> list[list[str]]:
-    """Forget what this process verified; record the argv of every import subprocess."""
+    """Forget what this process verified; record the module names of every import request."""
     monkeypatch.setattr(verify, "_VERIFIED", set())
     calls: list[list[str]] = []
-    real = subprocess.run
+    real = verify._WORKER.import_all
 
-    def run(args, **kwargs):
-        if args[0] not in format_module.ruff_command():  # the build's formatter is not an import
-            calls.append(args)
-        return real(args, **kwargs)
+    def import_all(folder, names):
+        calls.append(list(names))
+        return real(folder, names)
 
-    monkeypatch.setattr(verify.subprocess, "run", run)
+    monkeypatch.setattr(verify._WORKER, "import_all", import_all)
     return calls
 
 
@@ -238,9 +236,10 @@ def test_a_module_that_does_not_compile_is_never_written(tmp_path: Path, monkeyp
     assert fresh_verify == [] and not (tmp_path / "out").exists()
 
 
-def test_one_import_subprocess_per_build_isolated_from_generated(tmp_path: Path, monkeypatch, fresh_verify) -> None:
+def test_one_import_request_per_build_isolated_from_generated(tmp_path: Path, monkeypatch, fresh_verify) -> None:
     specs = [write_spec(tmp_path / "specs" / f"{n}.py", name=n) for n in ("a", "b")]
-    probe = ('\nimport sys\nif "generated" in sys.modules or not __name__.startswith("_cellgen_verify."):\n'
+    probe = ('\nimport sys, os\nif ("generated" in sys.modules or not __name__.startswith("_cellgen_verify")\n'
+             '        or os.getpid() == ' + str(os.getpid()) + '):\n'
              '    raise RuntimeError("not imported in isolation")\n')
     monkeypatch.setattr(build_module, "render_module", _broken_render(probe))
     results = build([tmp_path / "specs"], out_dir=tmp_path / "out")
@@ -249,6 +248,26 @@ def test_one_import_subprocess_per_build_isolated_from_generated(tmp_path: Path,
     build([tmp_path / "specs"], out_dir=tmp_path / "out")  # unchanged: nothing to import again
     build(specs, out_dir=tmp_path / "other")  # the same texts, verified already in this process
     assert len(fresh_verify) == 1
+
+
+def test_a_module_that_kills_or_hangs_the_import_worker_is_never_written(tmp_path: Path, monkeypatch,
+                                                                         fresh_verify, capsys) -> None:
+    spec = write_spec(tmp_path / "s.py")
+    out = tmp_path / "out"
+    cases = [("\nimport os\nos._exit(3)\n", "c.py could not be checked: the import check failed"),
+             ("\nimport time\ntime.sleep(60)\n", "c.py could not be checked: did not import within 3 s")]
+    monkeypatch.setattr(verify, "IMPORT_TIMEOUT", 3.0)
+    renders = {tail: _broken_render(tail) for tail in ("\nimport os\nos._exit(3)\n", "\nimport time\ntime.sleep(60)\n",
+                                                      '\nprint("{}")\n')}
+    for tail, message in cases:
+        monkeypatch.setattr(build_module, "render_module", renders[tail])
+        line = error_line(["build", str(spec), "--out", str(out)], capsys)
+        assert f"{spec}:0: generated module: {message}" in line
+        assert not out.exists()
+    # the next build gets a new worker; what a module prints at import does not confuse it
+    monkeypatch.setattr(build_module, "render_module", renders['\nprint("{}")\n'])
+    (result,) = build([spec], out_dir=out)
+    assert result.changed and (out / "c.py").is_file() and len(fresh_verify) == 3
 
 
 # -- all or nothing --------------------------------------------------------------------

@@ -7,6 +7,7 @@ in ``templates/``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from typing import Any
@@ -31,8 +32,15 @@ TEMPLATES = resources.templates_dir()  # the installed package data or the check
 
 
 def environment() -> jinja2.Environment:
+    """The templates' environment: one per set of template folders (the registered backends'), kept
+    for the process, so a build compiles each template once (Jinja reloads a template whose file changed)."""
+    return _environment(tuple(str(f) for f in resources.template_folders(TEMPLATES)))
+
+
+@functools.lru_cache(maxsize=8)
+def _environment(folders: tuple[str, ...]) -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader([str(f) for f in resources.template_folders(TEMPLATES)]),
+        loader=jinja2.FileSystemLoader(list(folders)),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=False,

@@ -1,46 +1,137 @@
 """Stage 5a (module texts -> verified module texts): every generated module compiles and imports.
 
 ``build`` calls :func:`verify` before it writes anything: each text is compiled in process
-(``compile(text, name, "exec")``), then every module not verified before is imported in ONE
-subprocess, from a temporary copy of the output folder under a package name of its own (the
-real ``generated`` package is never imported). A module that cannot be imported is a
-:class:`SpecError` naming its spec, so it is never written.
+(``compile(text, name, "exec")``), then every module not verified before is imported from a
+temporary copy of the output folder under a package name of its own (the real ``generated``
+package is never imported), in a subprocess: the building process never imports a module it has
+not verified. A module that cannot be imported is a :class:`SpecError` naming its spec, so it is
+never written.
+
+The subprocess is an import worker that lives as long as the building process: it imports numba
+and cellgen once (about 1-2 s), then each build's modules on request (milliseconds), each build
+under a new package name, so one build's modules never see another's. A worker that dies or
+stops answering within :data:`IMPORT_TIMEOUT` is killed, the build fails with what it printed,
+and the next build starts a new one.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import itertools
 import json
+import os
+import selectors
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from cellgen.frontend.spec import SpecError
 
-#: The package the subprocess imports the modules from (inside a temporary folder).
+#: The prefix of the package names the worker imports the modules under (inside a temporary folder).
 PACKAGE = "_cellgen_verify"
-#: Seconds the import subprocess may take (it imports numba once, then every module).
+#: Seconds one import request may take (the first imports numba, then every module).
 IMPORT_TIMEOUT = 300.0
 #: sha256 of texts this process has seen import cleanly: a rebuild does not import them again.
 _VERIFIED: set[str] = set()
 
-_IMPORT_SCRIPT = """
+#: The worker: one JSON request per line on stdin ({"folder", "package", "names"}), one JSON answer
+#: per line on its stdout (name -> None or the error); whatever a module prints goes to stderr.
+_WORKER_SCRIPT = """
 import importlib, json, sys, traceback
-sys.path[:0] = [sys.argv[1], sys.argv[2]]
-results = {}
-for name in json.loads(sys.argv[3]):
-    try:
-        importlib.import_module(sys.argv[4] + "." + name)
-        results[name] = None
-    except BaseException as exc:
-        frames = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if f.filename.endswith(name + ".py")]
-        line = frames[-1] if frames else getattr(exc, "lineno", None)
-        results[name] = f"{type(exc).__name__}: {exc}" + (f" (line {line} of the module)" if line else "")
-print("\\n" + json.dumps(results))
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+sys.path.insert(0, sys.argv[1])  # the cellgen that is building
+answers, sys.stdout = sys.stdout, sys.stderr
+import numba  # noqa: F401  (what every generated module imports: once, here)
+for line in sys.stdin:
+    request = json.loads(line)
+    sys.path.insert(0, request["folder"])
+    importlib.invalidate_caches()
+    results = {}
+    for name in request["names"]:
+        try:
+            importlib.import_module(request["package"] + "." + name)
+            results[name] = None
+        except BaseException as exc:
+            frames = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if f.filename.endswith(name + ".py")]
+            line_no = frames[-1] if frames else getattr(exc, "lineno", None)
+            results[name] = f"{type(exc).__name__}: {exc}" + (f" (line {line_no} of the module)" if line_no else "")
+    sys.path.remove(request["folder"])
+    for key in [k for k in sys.modules if k == request["package"] or k.startswith(request["package"] + ".")]:
+        del sys.modules[key]
+    answers.write(json.dumps(results) + "\\n")
+    answers.flush()
 """
+
+
+class _ImportWorker:
+    """The import subprocess (started on first use, restarted after a failure), one request at a time."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[str] | None = None
+        self.log: tempfile._TemporaryFileWrapper[str] | None = None
+        self.lock = threading.Lock()
+        self.packages = itertools.count()
+
+    def _start(self) -> subprocess.Popen[str]:
+        root = str(Path(__file__).resolve().parents[2])  # the cellgen that is building
+        self.log = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")  # noqa: SIM115 - the worker's life
+        self.proc = subprocess.Popen([sys.executable, "-u", "-c", _WORKER_SCRIPT, root], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     cwd=tempfile.gettempdir())
+        return self.proc
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            for stream in (self.proc.stdin, self.proc.stdout):
+                if stream is not None:
+                    stream.close()
+        if self.log is not None:
+            self.log.close()
+        self.proc = self.log = None
+
+    def _tail(self) -> str:
+        if self.log is None:
+            return "no output"
+        self.log.seek(0)
+        lines = self.log.read().strip().splitlines()
+        return lines[-1] if lines else "no output"
+
+    def import_all(self, folder: str, names: list[str]) -> dict[str, str | None] | str:
+        """Each module name -> None (imported) or its error; a string when the worker failed."""
+        with self.lock:
+            proc = self.proc if self.proc is not None and self.proc.poll() is None else self._start()
+            package = f"{PACKAGE}{os.getpid()}_{next(self.packages)}"
+            os.rename(Path(folder) / PACKAGE, Path(folder) / package)
+            try:
+                proc.stdin.write(json.dumps({"folder": folder, "package": package, "names": names}) + "\n")
+                proc.stdin.flush()
+                with selectors.DefaultSelector() as sel:
+                    sel.register(proc.stdout, selectors.EVENT_READ)
+                    ready = sel.select(IMPORT_TIMEOUT)
+                answer = proc.stdout.readline() if ready else ""
+            except (BrokenPipeError, OSError):
+                answer = ""
+            if not ready:
+                self.stop()
+                return f"did not import within {IMPORT_TIMEOUT:g} s"
+            try:
+                return json.loads(answer)
+            except ValueError:
+                tail = self._tail()
+                self.stop()
+                return f"the import check failed ({tail})"
+
+
+_WORKER = _ImportWorker()
+atexit.register(_WORKER.stop)
 
 
 @dataclass(frozen=True)
@@ -83,25 +174,17 @@ def _compile(m: Module) -> None:
 
 
 def _import_all(modules: list[Module], out_dir: Path) -> dict[str, str | None]:
-    """Import every module in one subprocess; name -> None (imported) or the error's line."""
+    """Import every module in the import worker; name -> None (imported) or the error's line."""
     with tempfile.TemporaryDirectory(prefix="cellgen-verify-") as tmp:
         package = Path(tmp) / PACKAGE
         _copy_folder(out_dir, package)
         for m in modules:
             (package / f"{m.name}.py").write_text(m.text, encoding="utf-8")
-        root = str(Path(__file__).resolve().parents[2])  # the cellgen that is building
-        names = json.dumps([m.name for m in modules])
-        try:
-            proc = subprocess.run([sys.executable, "-c", _IMPORT_SCRIPT, tmp, root, names, PACKAGE],
-                                  capture_output=True, text=True, cwd=tmp, timeout=IMPORT_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise _failure(modules[0], f"and the others of this build did not import within {IMPORT_TIMEOUT:g} s") \
-                from None
-    try:
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise _failure(modules[0], f"and the others of this build: the import check failed ({tail})") from None
+        errors = _WORKER.import_all(tmp, [m.name for m in modules])
+    if isinstance(errors, str):
+        what = "and the others of this build " if len(modules) > 1 else ""
+        raise _failure(modules[0], f"{what}could not be checked: {errors}") from None
+    return errors
 
 
 def _copy_folder(out_dir: Path, package: Path) -> None:
