@@ -11,7 +11,8 @@ The subprocess is an import worker that lives as long as the building process: i
 and cellgen once (about 1-2 s), then each build's modules on request (milliseconds), each build
 under a new package name, so one build's modules never see another's. A worker that dies or
 stops answering within :data:`IMPORT_TIMEOUT` is killed, the build fails with what it printed,
-and the next build starts a new one.
+and the next build starts a new one; so does a build after the environment changed (PYTHONPATH,
+``NUMBA_ENABLE_CUDASIM``...): the modules import as in a process started now.
 """
 
 from __future__ import annotations
@@ -76,9 +77,11 @@ class _ImportWorker:
         self.log: tempfile._TemporaryFileWrapper[str] | None = None
         self.lock = threading.Lock()
         self.packages = itertools.count()
+        self.env: dict[str, str] = {}  # the environment it started with (PYTHONPATH, NUMBA_*...)
 
     def _start(self) -> subprocess.Popen[str]:
         root = str(Path(__file__).resolve().parents[2])  # the cellgen that is building
+        self.env = dict(os.environ)
         self.log = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")  # noqa: SIM115 - the worker's life
         self.proc = subprocess.Popen([sys.executable, "-u", "-c", _WORKER_SCRIPT, root], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True,
@@ -107,7 +110,9 @@ class _ImportWorker:
     def import_all(self, folder: str, names: list[str]) -> dict[str, str | None] | str:
         """Each module name -> None (imported) or its error; a string when the worker failed."""
         with self.lock:
-            proc = self.proc if self.proc is not None and self.proc.poll() is None else self._start()
+            if self.proc is not None and (self.proc.poll() is not None or self.env != os.environ):
+                self.stop()  # dead, or the environment changed since it started: a build imports as a new process would
+            proc = self.proc or self._start()
             package = f"{PACKAGE}{os.getpid()}_{next(self.packages)}"
             os.rename(Path(folder) / PACKAGE, Path(folder) / package)
             try:
