@@ -15,6 +15,8 @@ import pytest
 from gradcheck import H, T, linear_loss, make_case, numeric_gradient, relative_error, run, vjp, weights
 
 import cellgen
+from cellgen.ir.analysis import analyse
+from cellgen.ir.passes import run_passes
 
 SHIPPED = ("basic_rnn", "basic_lstm", "gru", "gru_cudnn", "lstm", "qrnn", "qrnn_f", "qrnn_ifo")
 BACKENDS = ("cpu", "reference")
@@ -205,3 +207,56 @@ def test_empty_batch_or_time(name: str, batch: int, steps: int) -> None:
             if steps == 0:  # nothing ran: the final states' adjoint is the initial states'
                 assert all(np.all(d == 1) for d in g.initial_state)
                 assert all(not np.any(v) for v in g.params.values())
+
+
+# -- the plan's structure: what the forward saves and what a backward step computes -----------------
+def _backward_expressions(tp) -> list:
+    return [e for epi in tp.backward.epilogues for loop in epi.loops
+            for e in [*(v for _, v in loop.temps), *(s.value for s in loop.stores)]]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_backward_reads_saved_activations_and_computes_no_transcendental(name: str) -> None:
+    from cellgen.build import compile_spec
+    from cellgen.ir.backward import ACTIVATIONS, training_plan
+
+    spec, _ = compile_spec(f"specs/{name}.py")
+    tp = training_plan(spec)
+    found = set().union(*(e.atoms(*ACTIVATIONS) for e in _backward_expressions(tp)))
+    assert not found, f"{name}'s backward recomputes {found}"
+    activations = [sv for sv in tp.saved if sv.kind == "activation"]
+    assert activations, f"{name} saves no activation"
+    assert len({sv.value for sv in activations}) == len(activations), "an activation saved twice"
+    # the forward computes no activation more than the plain forward does: each save shares the step's value
+    assert _activations_computed(tp.forward) == _activations_computed(run_passes(analyse(spec)))
+
+
+def _activations_computed(plan) -> int:
+    from cellgen.ir.backward import ACTIVATIONS
+
+    return sum(len(e.atoms(*ACTIVATIONS)) for epi in plan.epilogues for loop in epi.loops
+               for e in [*(v for _, v in loop.temps), *(s.value for s in loop.stores)])
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_each_adjoint_is_read_once_per_loop(name: str) -> None:
+    """Shared adjoints are formed once: a value produced twice (the output IS the new h) gets one summed
+    adjoint, ``dout + ds_h``, and a value inside another (the new c inside the new h) one total adjoint
+    that every gate's multiplies; so a loop of a backward step reads ``dout`` and each ``ds_<state>`` in
+    one expression at most (the chain rule multiplied out reads them once per gate)."""
+    import sympy
+
+    from cellgen.build import compile_spec
+    from cellgen.ir.backward import training_plan
+
+    tp = training_plan(compile_spec(f"specs/{name}.py")[0])
+    arrays = ["dout", *(f"ds_{s}" for s in tp.backward.recurrent_states)]
+    for epi in tp.backward.epilogues:
+        for loop in epi.loops:
+            exprs = [*(v for _, v in loop.temps), *(s.value for s in loop.stores)]
+            for array in arrays:
+                reads = [e for e in exprs if any(str(i.base) == array for i in e.atoms(sympy.Indexed))]
+                assert len(reads) <= 1, f"{name}: a backward loop reads {array} in {len(reads)} places: {reads}"
+    if name in ("basic_lstm", "gru_cudnn", "basic_rnn"):  # output = new h
+        j = sympy.Symbol("j", integer=True, nonnegative=True)
+        assert any(e.has(sympy.Indexed("dout", j) + sympy.Indexed("ds_h", j)) for e in _backward_expressions(tp))
