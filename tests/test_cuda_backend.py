@@ -28,10 +28,12 @@ from cellgen.backends.cuda.layout import (
     BATCH,
     CudaLayout,
     KernelArg,
+    bank_swizzle,
     cuda_layout,
     gate_of,
     gpu_double_buffered,
     stage_layouts,
+    store_conflicts,
 )
 from cellgen.backends.cuda.runtime import interleave
 from cellgen.build import compile_spec, generate
@@ -129,11 +131,16 @@ def test_lstm_layout() -> None:
     assert stage0.per_step and stage0.runs_epilogue and stage0.epilogue == 1 and stage1.epilogue == 2
     assert stage0.views == ("pre",) and stage1.views == ("out",) and not stage0.masked and stage1.masked
 
+    assert (g0.rows_per_thread, g0.per_thread, g0.swizzle(4), g0.swizzle(8)) == (8, 32, 8, 4)
+    assert (g1.per_thread, g1.swizzle(4)) == (8, 0)
+
     text = _render(layout)
     assert "_sw = cuda.shared.array((32, 128), np.float32)" in text  # tile_k x columns
-    assert "for _e in range(_tid, 4096, 128):" in text  # weight_tile, threads
-    assert "_acc3 += _a * _sw[_q, 96 + _tx]" in text  # acc_columns
-    assert text.count("_u = _c // 4") == 2  # interleaved stage 0, both dtypes; stage 1 is not
+    assert "_wv = cuda.local.array(32, np.float32)" in text  # a thread's weight elements of a tile: per_thread
+    assert "_acc3 += _a * _sw[_q, _col3]" in text  # acc_columns, rotated by the swizzle
+    assert "_col3 = np.uint32(np.uint32(96) + (_ux + np.uint32(24)) % np.uint32(32))" in text
+    assert text.count("(_u + _g * np.uint32(8))") == 4 and text.count("(_u + _g * np.uint32(4))") == 4  # f32, f64
+    assert "_wv[_r * 4 + 3] = w_rec0[_k, _gc3] if _in and _ok3 else np.float32(0.0)" in text
     assert "def _cuda_stage1_float64(" + ", ".join(_args(stage1)) + "):" in text
     assert "k.stage1[grid_stage1, block_stage1](" + ", ".join(_args(stage1)) + ")" in text
     assert "grid_stage1 = (_rtc.blocks(n_num_proj, 32), _rtc.blocks(B, 4))" in text
@@ -153,6 +160,42 @@ def test_stage_gemm_checks_its_tile() -> None:
     g0 = cuda_layout(_plan("basic_lstm")).kernels[0].gemm
     with pytest.raises(ValueError, match="K tile 16 != 32"):
         dataclasses.replace(g0, tile_k=16)
+    with pytest.raises(ValueError, match="multiple of 32 units"):
+        dataclasses.replace(g0, block=(48, 4), tile_k=48)
+
+
+@pytest.mark.parametrize("itemsize", [4, 8])
+@pytest.mark.parametrize("gates", [1, 2, 3, 4, 5, 8])
+def test_shared_tile_has_no_bank_conflicts(gates: int, itemsize: int) -> None:
+    """The rotation per gate makes a warp's stores of 32 consecutive interleaved columns (several
+    units and gates) hit distinct banks, which the unrotated gate-major tile does not (G-way
+    conflicts); a warp's FMA reads (its 32 units of one gate) stay conflict-free."""
+    swizzle = bank_swizzle(gates, 32, itemsize)
+    assert store_conflicts(gates, 32, swizzle, itemsize) == 1
+    assert store_conflicts(gates, 32, 0, itemsize) == (min(gates, 32 * 4 // itemsize) if gates > 1 else 1)
+    lanes = 128 // itemsize
+    for g in range(gates):
+        for start in range(0, 32, lanes):
+            cols = [g * 32 + (u + swizzle * g) % 32 for u in range(start, start + lanes)]
+            assert len({c * itemsize // 4 % 32 for c in cols}) == lanes
+
+
+@pytest.mark.skipif(SIMULATED, reason="compile_ptx needs the real numba.cuda, not the simulator")
+def test_stage_kernel_loads_a_tile_in_flight() -> None:
+    """Issue 13, item 1, in SASS: the stage kernel's K-tile loop issues a thread's whole tile of weight
+    loads before its shared stores (the old loop: one load, then its store) at a few instructions
+    per load (the old loop spent ~75 on 64-bit signed index math); no spills."""
+    pytest.importorskip("cuda.bindings")
+    from cellgen.tools.sass_mix import nvdisasm
+
+    try:
+        nvdisasm()
+    except ValueError as err:
+        pytest.skip(str(err))
+    reports = inspect_specs([REPO / "specs" / "lstm.py"], ["sm_90"], ["float32"], mix=True, kernels={"stage0"})
+    (r,) = reports
+    assert r.spills == 0 and r.stack == 0
+    assert r.mix.ldg_run >= 32 and r.mix.per_load <= 10, r.mix
 
 
 def test_qrnn_layout() -> None:
@@ -181,7 +224,8 @@ def test_generated_modules_launch_the_runtime_gemm(spec: Path) -> None:
     """No generated module carries a GEMM kernel of its own: the hoisted GEMM is cellgen.backends.cuda.gemm's."""
     name, text = generate(spec)
     cuda_part = text[text.index("# ---- CUDA backend"):text.index("_backend_cuda =")]
-    assert "_cuda_hoisted" not in cuda_part and "cuda.local.array" not in cuda_part
+    # no GEMM of its own: no hoisted kernel, no 2-D register tile (a stage kernel's 1-D ``_wv`` holds its tile loads)
+    assert "_cuda_hoisted" not in cuda_part and "cuda.local.array((" not in cuda_part
     assert '"hoisted"' not in cuda_part.split("_CUDA_RUNTIME =")[0]  # not among the module's own kernels
     assert "pre = _cuda_gemm.hoisted_gemm(xs, weights.hoisted, weights.bias)" in cuda_part
     constants = {node.targets[0].id: node.value for node in ast.parse(text).body

@@ -3,7 +3,8 @@
 numba-cuda's NVVM makes the PTX (``numba.cuda.compile_ptx``) and nvJitLink (from the
 ``numba-cuda[cu13]`` wheels) links it for ``sm_80`` / ``sm_90``; its verbose log gives
 registers per thread, spill bytes and shared memory. The theoretical occupancy follows
-from those and the kernel's block size with each architecture's per-SM limits.
+from those and the kernel's block size with each architecture's per-SM limits; ``--mix`` adds
+the SASS instruction mix (:mod:`cellgen.tools.sass_mix`).
 
 Every generated module's own kernels (``_CUDA_SOURCES``), and once the runtime's kernels the
 modules launch (``_CUDA_RUNTIME``: the hoisted GEMM of :mod:`cellgen.backends.cuda.gemm`),
@@ -20,6 +21,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+
+from cellgen.tools.sass_mix import Mix, disassemble, instruction_mix
 
 #: Per-SM limits (CUDA C Programming Guide, "Compute Capabilities" table).
 ARCHS = {
@@ -45,6 +48,7 @@ class KernelReport:
     stack: int
     smem: int  # static shared memory per block, bytes (the occupancy adds RESERVED_SMEM)
     occupancy: float
+    mix: Mix | None = None  # the SASS instruction mix (``--mix``)
 
     @property
     def spills(self) -> int:
@@ -127,7 +131,7 @@ def load_generated(spec_path: str | Path, workdir: Path) -> ModuleType:
     return module
 
 
-def _report(cell: str, kernel: str, fn, kinds, block, dtype: str, arch: str) -> KernelReport:
+def _report(cell: str, kernel: str, fn, kinds, block, dtype: str, arch: str, mix: bool = False) -> KernelReport:
     """Compile one plain kernel function for ``dtype`` and ``arch`` and read its SASS figures."""
     import numpy as np
     from numba import cuda
@@ -137,20 +141,24 @@ def _report(cell: str, kernel: str, fn, kinds, block, dtype: str, arch: str) -> 
     threads = int(np.prod(block))
     return KernelReport(cell, kernel, dtype, arch, tuple(block), info["registers"], info["spill_stores"],
                         info["spill_loads"], info["stack"], info["smem"],
-                        occupancy(arch, threads, info["registers"], info["smem"]))
+                        occupancy(arch, threads, info["registers"], info["smem"]),
+                        instruction_mix(disassemble(ptx, arch)) if mix else None)
 
 
-def inspect_module(module: ModuleType, archs: list[str], dtypes: list[str]) -> list[KernelReport]:
-    """Compile every CUDA kernel of a generated module for each dtype and architecture."""
+def inspect_module(module: ModuleType, archs: list[str], dtypes: list[str], mix: bool = False,
+                   kernels: set[str] | None = None) -> list[KernelReport]:
+    """Compile every CUDA kernel of a generated module (or those named in ``kernels``) for each dtype and
+    architecture."""
     import numpy as np
     from numba import cuda
 
     module.cuda = cuda  # what _cuda_kernels binds before jitting, without needing a GPU
-    return [_report(module.NAME, kernel, fn, module._CUDA_ARGS[kernel], module._CUDA_BLOCKS[kernel], dtype, arch)
-            for dtype in dtypes for kernel, fn in module._CUDA_SOURCES[np.dtype(dtype)].items() for arch in archs]
+    return [_report(module.NAME, kernel, fn, module._CUDA_ARGS[kernel], module._CUDA_BLOCKS[kernel], dtype, arch, mix)
+            for dtype in dtypes for kernel, fn in module._CUDA_SOURCES[np.dtype(dtype)].items()
+            if kernels is None or kernel in kernels for arch in archs]
 
 
-def inspect_runtime(names: list[str], archs: list[str], dtypes: list[str]) -> list[KernelReport]:
+def inspect_runtime(names: list[str], archs: list[str], dtypes: list[str], mix: bool = False) -> list[KernelReport]:
     """Compile the runtime's kernels ``names`` (a module's ``_CUDA_RUNTIME``) for each dtype and architecture."""
     from numba import cuda
 
@@ -159,27 +167,41 @@ def inspect_runtime(names: list[str], archs: list[str], dtypes: list[str]) -> li
     gemm.cuda = cuda  # what gemm.kernel binds before jitting
     kernels = {"hoisted": (gemm.source, gemm.ARGS, gemm.BLOCK),
                "hoisted_tn": (lambda dtype: gemm.source(dtype, transpose_a=True), gemm.ARGS, gemm.BLOCK)}
-    return [_report("runtime", name, kernels[name][0](dtype), kernels[name][1], kernels[name][2], dtype, arch)
+    return [_report("runtime", name, kernels[name][0](dtype), kernels[name][1], kernels[name][2], dtype, arch, mix)
             for dtype in dtypes for name in names for arch in archs]
 
 
-def inspect_specs(paths: list[str | Path], archs: list[str], dtypes: list[str]) -> list[KernelReport]:
-    """:func:`inspect_module` for every spec file (or folder of specs), after the runtime kernels they launch."""
+def inspect_specs(paths: list[str | Path], archs: list[str], dtypes: list[str], mix: bool = False,
+                  kernels: set[str] | None = None) -> list[KernelReport]:
+    """:func:`inspect_module` for every spec file (or folder of specs), after the runtime kernels they launch
+    (only the kernels named in ``kernels``, e.g. ``{"stage0"}``, when given)."""
     from cellgen.build import spec_files
 
     with tempfile.TemporaryDirectory(prefix="cellgen-inspect-") as tmp:
         modules = [load_generated(p, Path(tmp)) for p in spec_files(list(paths))]
-        runtime = list(dict.fromkeys(name for m in modules for name in m._CUDA_RUNTIME))
-        return inspect_runtime(runtime, archs, dtypes) + [r for m in modules for r in inspect_module(m, archs, dtypes)]
+        runtime = [name for name in dict.fromkeys(name for m in modules for name in m._CUDA_RUNTIME)
+                   if kernels is None or name in kernels]
+        return inspect_runtime(runtime, archs, dtypes, mix) + [
+            r for m in modules for r in inspect_module(m, archs, dtypes, mix, kernels)]
 
 
 def table(reports: list[KernelReport]) -> str:
-    """A Markdown table, one row per kernel x dtype x arch."""
-    lines = ["| cell | kernel | dtype | arch | block | regs/thread | spill bytes (st/ld) | stack | smem/block "
-             "| occupancy |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    """A Markdown table, one row per kernel x dtype x arch (with the instruction mix where it was taken)."""
+    mixed = any(r.mix for r in reports)
+    head = ["| cell | kernel | dtype | arch | block | regs/thread | spill bytes (st/ld) | stack | smem/block "
+            "| occupancy |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    if mixed:
+        head = [head[0] + " SASS instrs | LDG | STS | LDS | FMA | int ALU | LDG run | instrs/load |",
+                head[1] + "---:|" * 8]
+    lines = head
     for r in reports:
-        lines.append(f"| {r.cell} | {r.kernel} | {r.dtype} | {r.arch} | {'x'.join(map(str, r.block))} | "
-                     f"{r.registers} | {r.spill_stores}/{r.spill_loads} | {r.stack} | {r.smem} | {r.occupancy:.0%} |")
+        line = (f"| {r.cell} | {r.kernel} | {r.dtype} | {r.arch} | {'x'.join(map(str, r.block))} | "
+                f"{r.registers} | {r.spill_stores}/{r.spill_loads} | {r.stack} | {r.smem} | {r.occupancy:.0%} |")
+        if mixed and r.mix:
+            m = r.mix
+            line += (f" {m.instructions} | {m.ldg} | {m.sts} | {m.lds} | {m.fma} | {m.integer} | {m.ldg_run} | "
+                     f"{m.per_load} |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -190,7 +212,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown arch/dtype {', '.join(unknown)}; archs: {', '.join(ARCHS)}; "
                          f"dtypes: float32, float64")
-    reports = inspect_specs(args.specs, archs, dtypes)
+    kernels = {k.strip() for k in args.kernels.split(",") if k.strip()} if args.kernels else None
+    reports = inspect_specs(args.specs, archs, dtypes, args.mix, kernels)
     print(table(reports))
     spilled = [r for r in reports if r.spills]
     for r in spilled:
@@ -206,4 +229,8 @@ def register(subparsers) -> None:
                    help="inspect the CUDA kernels (the only target, so the default)")
     p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated: sm_80, sm_90 (default both)")
     p.add_argument("--dtype", default="float32", help="comma-separated: float32, float64 (default float32)")
+    p.add_argument("--mix", action="store_true",
+                   help="add the SASS instruction mix (instructions, LDG, STS, LDS, FMA, integer ALU, global loads "
+                        "in flight before a shared store); needs nvdisasm (pip install nvidia-cuda-nvdisasm)")
+    p.add_argument("--kernels", metavar="NAMES", help="comma-separated kernel names to inspect (default: all)")
     p.set_defaults(fn=_cmd_inspect)

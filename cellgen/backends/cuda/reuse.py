@@ -1,10 +1,10 @@
 """CUDA runtime: what one ``backend="cuda"`` call keeps for the next, the packed weights and the buffers.
 
 * :class:`WeightCache`: a cell's packed, uploaded weights from **host** (NumPy) parameters, reused
-  while the parameters are unchanged. An entry is found by the identity of the parameter arrays
-  (``id``, data pointer, shape, strides, dtype: a cheap key) and used only if every parameter still
+  while the parameters are unchanged. An entry is found by where the parameters' data lives (data
+  pointer, shape, strides, dtype: a cheap key) and used only if every parameter still
   holds, byte for byte, what it held when it was packed (a snapshot taken then): an array changed in
-  place, or a new array at a recycled address, is packed and uploaded again. The comparison reads
+  place, or new data at a recycled address, is packed and uploaded again. The comparison reads
   the parameters once on the host, less than packing them (a read and a write), interleaving and
   uploading them; a sampled or hashed check could miss a change and give a wrong number silently.
 * **Device** parameters (numba device arrays, ``__cuda_array_interface__`` tensors) are never
@@ -36,7 +36,9 @@ def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _identity(params: Mapping[str, np.ndarray]) -> tuple:
-    return tuple((name, id(a), a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str)
+    """Where each parameter's data lives and how (not ``id``: ``np.asarray`` of a CPU tensor is a new
+    array over the same memory on every call)."""
+    return tuple((name, a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str)
                  for name, a in sorted(params.items()))
 
 
