@@ -1,4 +1,4 @@
-"""The ``cellgen`` command: build | show | check (and bench, inspect where installed)."""
+"""The ``cellgen`` command: build | show | check (and run, bench, inspect, gpu-check where installed)."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("specs", nargs="+")
     _add_timeout(c)
     c.set_defaults(fn=_cmd_check)
-    for extra in ("cellgen.tools.demo", "cellgen.tools.bench", "cellgen.tools.sass"):
+    for extra in ("cellgen.tools.demo", "cellgen.tools.bench", "cellgen.tools.sass", "cellgen.tools.gpu_check"):
         try:
             module = __import__(extra, fromlist=["register"])
         except ImportError:

@@ -204,7 +204,8 @@ class _TransferSpy:
 def test_device_arrays_never_go_through_the_host(name: str, monkeypatch) -> None:
     """Issue 13, item 4: device parameters, inputs and states are packed and copied on the device only
     (the device lengths' B values are read for their range check, nothing else comes back), the
-    results equal the CPU backend's, and a device parameter changed in place is picked up."""
+    results equal the CPU backend's, and a device parameter changed in place is picked up (gru: fused
+    blocks packed on the device; lstm: per-unit parameter vectors, 4 interleaved gates)."""
     from numba import cuda
 
     dtype = np.float32
@@ -214,22 +215,67 @@ def test_device_arrays_never_go_through_the_host(name: str, monkeypatch) -> None
     dev = {k: cuda.to_device(v) for k, v in params.items()}
     args = {"sequence_length": cuda.to_device(lengths.astype(np.int64)), **hyper}
     dev_x, dev_state = cuda.to_device(inputs), tuple(cuda.to_device(s) for s in state)
+    cpu_before = mod.dynamic_rnn(params, inputs, sequence_length=lengths, initial_state=state, **hyper)
     spy = _TransferSpy(monkeypatch)
-    runs = [mod.dynamic_rnn(dev, dev_x, initial_state=dev_state, backend="cuda", **args) for _ in range(2)]
+    runs = [mod.dynamic_rnn(dev, dev_x, initial_state=dev_state, backend="cuda", **args)]
     first = params[next(iter(params))]
     first *= 1.5
     dev[next(iter(params))].copy_to_device(first)  # changed in place on the device
     runs.append(mod.dynamic_rnn(dev, dev_x, initial_state=dev_state, backend="cuda", **args))
-    assert spy.to_host == [((3,), np.dtype(np.int64))] * 3 and spy.host_reads == [] and spy.to_device == []
+    assert spy.to_host == [((3,), np.dtype(np.int64))] * 2 and spy.host_reads == [] and spy.to_device == []
     monkeypatch.undo()
-    (out, final), (out2, final2), (out3, final3) = runs
-    np.testing.assert_array_equal(out2.copy_to_host(), out.copy_to_host())
-    cpu = mod.dynamic_rnn(params, inputs, sequence_length=lengths, initial_state=state, **hyper)
-    _close(out3.copy_to_host(), cpu[0], dtype)
-    for got, want in zip(final3, cpu[1], strict=True):
-        _close(got.copy_to_host(), want, dtype)
+    cpu_after = mod.dynamic_rnn(params, inputs, sequence_length=lengths, initial_state=state, **hyper)
+    for (out, final), cpu in zip(runs, (cpu_before, cpu_after), strict=True):
+        _close(out.copy_to_host(), cpu[0], dtype)
+        for got, want in zip(final, cpu[1], strict=True):
+            _close(got.copy_to_host(), want, dtype)
     for d, s in zip(dev_state, state, strict=True):  # the caller's initial state is not overwritten
         np.testing.assert_array_equal(d.copy_to_host(), s)
+
+
+def test_gpu_check_quick_in_the_simulator(tmp_path: Path) -> None:
+    """``cellgen gpu-check --quick`` runs as written (a scan spec, float64: the cheapest in the simulator):
+    every case of the report, the half-precision rows "not built", cuDNN skipped, exit 0, the JSON."""
+    import json
+
+    from cellgen.cli import main
+
+    report = tmp_path / "report.json"
+    assert main(["gpu-check", "--quick", "--specs", "qrnn_f", "--dtypes", "float64", "--repeat", "1",
+                 "--warmup", "0", "--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["ok"] and data["environment"]["simulator"] is True
+    cases = {(c["section"], c["shape"], c["case"]): c["status"] for c in data["checks"]}
+    for shape in ("B3 T4 H8", "B3 H5"):
+        for case in ("ragged lengths, random state", "second call (bit for bit)", "device arrays",
+                     "device arrays, second call (bit for bit)", "bidirectional"):
+            assert cases[("forward", shape, case)] == "ok"
+        assert cases[("training", shape, "outputs and every gradient (relative)")] == "ok"
+    assert [c["dtype"] for c in data["checks"] if c["status"] == "not built"] == ["float16", "bfloat16"]
+    assert [c["section"] for c in data["checks"] if c["status"] == "skipped"] == ["cuDNN"]  # no torch GPU here
+    (row,) = data["timings"]
+    assert row["spec"] == "qrnn_f" and row["forward_ms"] is None and row["host_launch_ms"] > 0
+
+
+def test_gpu_check_reports_a_mismatch(monkeypatch, tmp_path: Path) -> None:
+    """A difference above the tolerance is a MISMATCH (bit-for-bit repeats stay ok), and any mismatch
+    makes the command exit 1 with ``ok: false`` in its JSON."""
+    import json
+
+    from cellgen.cli import main
+    from cellgen.tools import gpu_check, gpu_check_cases, gpu_check_time, gpu_check_torch
+
+    monkeypatch.setitem(gpu_check_cases.TOL, "float64", -1.0)
+    checks = gpu_check_cases.forward_checks(_module("qrnn_f"), "float64", "tiny", (2, 2, 3, 4))
+    assert {c.case: c.status for c in checks} == {
+        "ragged lengths, random state": "MISMATCH", "second call (bit for bit)": "ok", "device arrays": "MISMATCH",
+        "device arrays, second call (bit for bit)": "ok", "bidirectional": "MISMATCH"}
+    monkeypatch.setattr(gpu_check, "run_checks", lambda *args, **kwargs: checks)
+    monkeypatch.setattr(gpu_check_time, "timings", lambda *args: [])
+    monkeypatch.setattr(gpu_check_torch, "torch_checks", lambda *args: [])
+    report = tmp_path / "report.json"
+    assert main(["gpu-check", "--quick", "--specs", "qrnn_f", "--json", str(report)]) == 1
+    assert json.loads(report.read_text())["ok"] is False
 
 
 MIXED_SPEC = '''"""A cell no shipped spec resembles: a stage-0 operand buffer (c * c), two gate sizes in one GEMM."""
