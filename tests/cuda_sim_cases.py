@@ -246,11 +246,10 @@ def test_gpu_check_quick_in_the_simulator(tmp_path: Path) -> None:
     data = json.loads(report.read_text())
     assert data["ok"] and data["environment"]["simulator"] is True
     cases = {(c["section"], c["shape"], c["case"]): c["status"] for c in data["checks"]}
-    for shape in ("B3 T4 H8", "B3 H5"):
-        for case in ("ragged lengths, random state", "second call (bit for bit)", "device arrays",
-                     "device arrays, second call (bit for bit)", "bidirectional"):
-            assert cases[("forward", shape, case)] == "ok"
-        assert cases[("training", shape, "outputs and every gradient (relative)")] == "ok"
+    for case in ("ragged lengths, random state", "second call (bit for bit)", "device arrays",
+                 "device arrays, second call (bit for bit)", "bidirectional"):
+        assert cases[("forward", "B3 T3 H5", case)] == "ok"
+    assert cases[("training", "B3 T3 H5", "outputs and every gradient (relative)")] == "ok"
     assert [c["dtype"] for c in data["checks"] if c["status"] == "not built"] == ["float16", "bfloat16"]
     assert [c["section"] for c in data["checks"] if c["status"] == "skipped"] == ["cuDNN"]  # no torch GPU here
     (row,) = data["timings"]

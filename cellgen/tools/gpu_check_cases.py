@@ -18,7 +18,8 @@ from cellgen.backends.cuda import runtime as rtc
 
 #: Correctness shapes (B, T, I, H): the issue's, and sizes that are multiples of nothing.
 SHAPES = {"B16 T64 H768": (16, 64, 768, 768), "B5 H37": (5, 9, 37, 37)}
-QUICK_SHAPES = {"B3 T4 H8": (3, 4, 8, 8), "B3 H5": (3, 3, 5, 5)}
+#: ``--quick``: one tiny shape of odd sizes (the simulator runs a Python thread per CUDA thread).
+QUICK_SHAPES = {"B3 T3 H5": (3, 3, 5, 5)}
 DTYPES = ("float32", "float64")
 #: Not built yet (issue 13, item 3): listed in the report, never faked.
 HALF_DTYPES = ("float16", "bfloat16")
