@@ -27,10 +27,10 @@ one name.
 
 from __future__ import annotations
 
-import inspect
 import keyword
 import math
 import os
+import sys
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -268,12 +268,17 @@ def _caller() -> Where:
     Frames of generated code (``<string>``, e.g. the dataclass ``__init__`` that calls
     ``Cell.__post_init__``) are skipped, so ``Cell(...)`` is placed on its spec line.
     """
-    outside = [f for f in inspect.stack()[1:] if os.path.abspath(f.filename) != _DSL_FILE]
-    for frame in outside:
-        if not frame.filename.startswith("<"):
-            return Where(frame.filename, frame.lineno)
-    if outside:  # pragma: no cover - a Cell built in an interactive session
-        return Where(outside[0].filename, outside[0].lineno)
+    first = None
+    frame = sys._getframe(1)  # frames only: inspect.stack() would read every frame's source lines
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if os.path.abspath(filename) != _DSL_FILE:
+            if not filename.startswith("<"):
+                return Where(filename, frame.f_lineno)
+            first = first or Where(filename, frame.f_lineno)
+        frame = frame.f_back
+    if first is not None:  # pragma: no cover - a Cell built in an interactive session
+        return first
     return Where("<unknown>", 0)  # pragma: no cover
 
 
