@@ -7,7 +7,10 @@ fresh temporary folder, imports the generated module and compares ``backend="cpu
 * ``CELLGEN_FUZZ_EXAMPLES=2000`` runs more examples (default 100, as ``SHARDS`` tests of a fifth each);
 * ``CELLGEN_FUZZ_EXCLUDE=old_read,name_collision`` leaves known bug classes out (``fuzz_specs.CLASSES``);
 * ``CELLGEN_FUZZ_SEED=7`` draws another (still reproducible) sequence of specs;
-* ``CELLGEN_FUZZ_SHRINK=1`` shrinks a failing spec (minutes: every try is a build and a JIT compile).
+* ``CELLGEN_FUZZ_SHRINK=1`` shrinks a failing spec (minutes: every try is a build and a JIT compile);
+* ``CELLGEN_FUZZ_DTYPES=float64,float32`` checks every spec in both dtypes. By default each spec is
+  checked in one, drawn with the spec: a JIT compile is most of an example's time, and each dtype
+  still meets about half of the specs (about 50 of the CI's 100 each).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fuzz_specs import CLASSES, build_spec, check_spec, degenerate, specs
 from hypothesis import HealthCheck, Phase, assume, given, seed, settings
@@ -23,6 +27,7 @@ from hypothesis import strategies as st
 EXAMPLES = int(os.environ.get("CELLGEN_FUZZ_EXAMPLES", "100"))
 EXCLUDE = frozenset(c for c in os.environ.get("CELLGEN_FUZZ_EXCLUDE", "").split(",") if c)
 SEED = int(os.environ.get("CELLGEN_FUZZ_SEED", "0"))
+DTYPES = tuple(np.dtype(d) for d in os.environ.get("CELLGEN_FUZZ_DTYPES", "").split(",") if d)
 PHASES = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("CELLGEN_FUZZ_SHRINK") else [])
 
 
@@ -41,7 +46,8 @@ def _fuzz_shard(index: int):
         spec = folder / "probe.py"
         spec.write_text(fz.text)
         assume(not degenerate(spec))
-        check_spec(fz, folder)
+        dtypes = DTYPES or (data.draw(st.sampled_from([np.dtype(np.float64), np.dtype(np.float32)]), label="dtype"),)
+        check_spec(fz, folder, dtypes=dtypes)
 
     test.__name__ = test.__qualname__ = f"test_random_specs_match_the_evaluator_{index}"
     return test
