@@ -19,6 +19,8 @@ def stable_rewrites(expr: sympy.Expr) -> sympy.Expr:
     >>> stable_rewrites(1 / (1 + sympy.exp(-x)))
     sigmoid(x)
     """
+    if not expr.has(sympy.exp):  # both forms hold an exp; matching the patterns costs more than this test
+        return expr
     expr = expr.replace(1 / (1 + sympy.exp(-_W)), lambda w: sigmoid(w))
     return expr.replace(sympy.exp(_W) / (1 + sympy.exp(_W)), lambda w: sigmoid(w))
 
