@@ -200,14 +200,7 @@ class _Analysis:
                 if lin.bias is not None and lin.kernel not in direct and lin.kernel not in delayed:
                     terms.append(_at(self.param_arrays[lin.bias], offset))
                 table[gate] = sympy.Add(*terms)
-        for s in spec.states:
-            table[s.symbol] = _at(X_PREV if s.name in self.delays else state_array(s.name), j)
-        for p in spec.params:
-            table[p.symbol] = _at(self.param_arrays[p.name], j)
-        table[spec.input.symbol] = _at(X, j)
-        for h in spec.hypers:  # a hyperparameter is a scalar kernel argument in its own namespace
-            table[h.symbol] = sympy.Symbol(hyper_name(h.name), real=True)
-        return table
+        return table | leaf_loads(spec, self.delays, self.param_arrays)
 
     def epilogues(self, gemms: list[RecurrentGemm], loads: dict[sympy.Symbol, sympy.Expr]) -> list[Epilogue]:
         n = len(gemms)
@@ -241,6 +234,21 @@ class _Analysis:
             loops = tuple(Loop(size, (), tuple(sts)) for size, sts in by_domain.items())
             epilogues.append(Epilogue(index, loops))
         return epilogues
+
+
+def leaf_loads(spec: CellSpec, delays: tuple[str, ...], param_arrays: dict[str, str]) -> dict[sympy.Symbol, sympy.Expr]:
+    """Each state, parameter, the input and each hyperparameter -> its read in a forward epilogue at
+    unit ``UNIT`` (the gates' reads are the plan's ``gate_loads``)."""
+    j = UNIT
+    table: dict[sympy.Symbol, sympy.Expr] = {}
+    for s in spec.states:
+        table[s.symbol] = _at(X_PREV if s.name in delays else state_array(s.name), j)
+    for p in spec.params:
+        table[p.symbol] = _at(param_arrays[p.name], j)
+    table[spec.input.symbol] = _at(X, j)
+    for h in spec.hypers:  # a hyperparameter is a scalar kernel argument in its own namespace
+        table[h.symbol] = sympy.Symbol(hyper_name(h.name), real=True)
+    return table
 
 
 def linear_order(spec: CellSpec) -> list[Linear]:

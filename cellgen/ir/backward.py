@@ -35,14 +35,12 @@ import sympy
 from cellgen.frontend.dsl import sigmoid
 from cellgen.frontend.spec import CellSpec, Linear
 from cellgen.ir.adjoint import StepAdjoint, derive
-from cellgen.ir.analysis import analyse
+from cellgen.ir.analysis import analyse, leaf_loads
 from cellgen.ir.passes import eliminate_common_subexpressions, run_passes, stabilise
 from cellgen.ir.plan import (
     PRE,
     PRE_PREV,
     UNIT,
-    X,
-    X_PREV,
     Direction,
     Epilogue,
     FusedPlan,
@@ -174,15 +172,9 @@ def backward_reads(spec: CellSpec, plan: FusedPlan, adj: StepAdjoint) -> list[sy
 
 def forward_loads(plan: FusedPlan) -> dict[sympy.Symbol, sympy.Expr]:
     """Each leaf of a step -> its array reads in the forward's epilogues (``analyse``'s loads table)."""
-    spec, j = plan.spec, UNIT
-    gates = {str(g): g for lin in spec.linears for g in lin.gates}
+    gates = {str(g): g for lin in plan.spec.linears for g in lin.gates}
     table = {gates[name]: load for name, load in plan.gate_loads}
-    for s in spec.states:
-        table[s.symbol] = _at(X_PREV if s.name in plan.delay_states else state_array(s.name), j)
-    table |= {p.symbol: _at(plan.param_arrays[p.name], j) for p in spec.params}
-    table[spec.input.symbol] = _at(X, j)
-    table |= {h.symbol: sympy.Symbol(hyper_name(h.name), real=True) for h in spec.hypers}
-    return table
+    return table | leaf_loads(plan.spec, plan.delay_states, plan.param_arrays)
 
 
 def _forward_loop_of(plan: FusedPlan, value: sympy.Expr) -> tuple[int, int] | None:
@@ -224,11 +216,6 @@ def saved_values(plan: FusedPlan, adj: StepAdjoint) -> tuple[Saved, ...]:
     activations = tuple(Saved(str(sym), spec.size_of(act), "activation", act) for act, sym in acts.items()
                         if sym in used)
     return states + kept + activations
-
-
-def saved_widths(plan: FusedPlan) -> list[tuple[str, sympy.Expr]]:
-    """Each value a plan's time loop saves (``TimeLoop.saved``) and its width."""
-    return list(plan.time_loop.saved)
 
 
 def with_saves(plan: FusedPlan, saved: tuple[Saved, ...]) -> FusedPlan:

@@ -23,7 +23,7 @@ from cellgen.backends.cpu.schedule import (
 )
 from cellgen.codegen.loops import KernelPrinter, LoopText
 from cellgen.codegen.printing import DTYPES, NumbaPrinter, print_index, rational_tanh
-from cellgen.ir.backward import saved_widths, training_plan
+from cellgen.ir.backward import training_plan
 from cellgen.ir.plan import FusedPlan, Loop, saved_array, size_name
 
 
@@ -78,7 +78,7 @@ def forward_context(plan: FusedPlan, ns: str = "") -> dict[str, Any]:
     """A forward's kernels under the namespace ``ns`` (every function and table name ends in it)."""
     s = cpu_schedule(plan)
     split = s.unit_split
-    saved = [{"name": saved_array(n), "width": print_index(w)} for n, w in saved_widths(plan)]
+    saved = [{"name": saved_array(n), "width": print_index(w)} for n, w in plan.time_loop.saved]
     return {
         "ns": ns,
         "saved": saved,
@@ -106,4 +106,4 @@ def forward_context(plan: FusedPlan, ns: str = "") -> dict[str, Any]:
 
 
 def _saved_sizes(plan: FusedPlan) -> set[sympy.Symbol]:
-    return set().union(*(sympy.sympify(w).free_symbols for _, w in saved_widths(plan)))
+    return set().union(*(sympy.sympify(w).free_symbols for _, w in plan.time_loop.saved))

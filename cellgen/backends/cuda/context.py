@@ -22,7 +22,7 @@ from cellgen.backends.cuda.layout import (
 )
 from cellgen.backends.cuda.backward import backward_context
 from cellgen.codegen.loops import STEP_VIEWS, KernelPrinter
-from cellgen.ir.backward import saved_widths, training_plan
+from cellgen.ir.backward import training_plan
 from cellgen.codegen.printing import DTYPES, NumbaPrinter, print_index
 from cellgen.ir.plan import (
     OUT,
@@ -157,7 +157,7 @@ def layout_context(layout: CudaLayout, ns: str = "") -> dict[str, Any]:
     prefix = f"{ns.strip('_')}_" if ns else ""
     return {
         "ns": ns,
-        "saved": [{"name": saved_array(n), "width": print_index(w)} for n, w in saved_widths(plan)],
+        "saved": [{"name": saved_array(n), "width": print_index(w)} for n, w in plan.time_loop.saved],
         "block": list(layout.block),
         "dtypes": [{"dtype": dtype, "np_dtype": DTYPES[dtype], "zero": NumbaPrinter(dtype).doprint(sympy.Integer(0)),
                     "kernels": [_printed(plan, k, dtype, prefix) for k in layout.kernels]} for dtype in DTYPES],
