@@ -198,9 +198,9 @@ def fresh_verify(monkeypatch) -> list[list[str]]:
     calls: list[list[str]] = []
     real = verify._WORKER.import_all
 
-    def import_all(folder, names):
+    def import_all(folder, package, names):
         calls.append(list(names))
-        return real(folder, names)
+        return real(folder, package, names)
 
     monkeypatch.setattr(verify._WORKER, "import_all", import_all)
     return calls

@@ -107,14 +107,17 @@ class _ImportWorker:
         lines = self.log.read().strip().splitlines()
         return lines[-1] if lines else "no output"
 
-    def import_all(self, folder: str, names: list[str]) -> dict[str, str | None] | str:
-        """Each module name -> None (imported) or its error; a string when the worker failed."""
+    def new_package(self) -> str:
+        """A package name no earlier request of this process used."""
+        return f"{PACKAGE}{os.getpid()}_{next(self.packages)}"
+
+    def import_all(self, folder: str, package: str, names: list[str]) -> dict[str, str | None] | str:
+        """Each module ``package.name`` (``package`` a folder in ``folder``) -> None (imported) or its
+        error; a string when the worker failed."""
         with self.lock:
             if self.proc is not None and (self.proc.poll() is not None or self.env != os.environ):
                 self.stop()  # dead, or the environment changed since it started: a build imports as a new process would
             proc = self.proc or self._start()
-            package = f"{PACKAGE}{os.getpid()}_{next(self.packages)}"
-            os.rename(Path(folder) / PACKAGE, Path(folder) / package)
             try:
                 proc.stdin.write(json.dumps({"folder": folder, "package": package, "names": names}) + "\n")
                 proc.stdin.flush()
@@ -181,11 +184,12 @@ def _compile(m: Module) -> None:
 def _import_all(modules: list[Module], out_dir: Path) -> dict[str, str | None]:
     """Import every module in the import worker; name -> None (imported) or the error's line."""
     with tempfile.TemporaryDirectory(prefix="cellgen-verify-") as tmp:
-        package = Path(tmp) / PACKAGE
+        name = _WORKER.new_package()
+        package = Path(tmp) / name
         _copy_folder(out_dir, package)
         for m in modules:
             (package / f"{m.name}.py").write_text(m.text, encoding="utf-8")
-        errors = _WORKER.import_all(tmp, [m.name for m in modules])
+        errors = _WORKER.import_all(tmp, name, [m.name for m in modules])
     if isinstance(errors, str):
         what = "and the others of this build " if len(modules) > 1 else ""
         raise _failure(modules[0], f"{what}could not be checked: {errors}") from None
