@@ -23,6 +23,7 @@ from cellgen.ir.plan import (
     size_name,
 )
 from cellgen.frontend.spec import SpecError
+from cellgen.codegen.format import LINE_LENGTH
 from cellgen.codegen.printing import (
     display_index,
     print_index,
@@ -47,6 +48,7 @@ def _environment(folders: tuple[str, ...]) -> jinja2.Environment:
         lstrip_blocks=False,
     )
     env.filters["pytuple"] = py_tuple
+    env.filters["fit"] = fit_line
     return env
 
 
@@ -257,6 +259,16 @@ def _float_literal(value: float) -> str:
     if math.isinf(value):
         return "math.inf" if value > 0 else "-math.inf"
     return repr(value)
+
+
+#: A line that must hold a spec's path (the header, ``SPEC_PATH``) may pass the generated code's line
+#: length (:data:`cellgen.codegen.format.LINE_LENGTH`) for a long path, and then says so.
+LONG_LINE = "  # noqa: E501"
+
+
+def fit_line(line: str) -> str:
+    """``line``, marked ``noqa: E501`` when it is longer than the generated code's line length."""
+    return line + LONG_LINE if len(line) > LINE_LENGTH else line
 
 
 def context(plan: FusedPlan, spec_path: str, key: str) -> dict[str, Any]:
