@@ -4,7 +4,7 @@ Each example draws a spec file (``fuzz_specs.specs``), builds it with ``cellgen.
 fresh temporary folder, imports the generated module and compares ``backend="cpu"`` and
 ``backend="reference"`` in float64 and float32 with ``fuzz_specs.Evaluator`` (docs/testing.md).
 
-* ``CELLGEN_FUZZ_EXAMPLES=2000`` runs more examples (default 100, as ``SHARDS`` tests of a fifth each);
+* ``CELLGEN_FUZZ_EXAMPLES=2000`` runs more examples (default 100, as ``fuzz_shards.SHARDS`` tests of a fifth each);
 * ``CELLGEN_FUZZ_EXCLUDE=old_read,name_collision`` leaves known bug classes out (``fuzz_specs.CLASSES``);
 * ``CELLGEN_FUZZ_SEED=7`` draws another (still reproducible) sequence of specs;
 * ``CELLGEN_FUZZ_SHRINK=1`` shrinks a failing spec (minutes: every try is a build and a JIT compile);
@@ -21,40 +21,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fuzz_specs import CLASSES, build_spec, check_spec, degenerate, specs
-from hypothesis import HealthCheck, Phase, assume, given, seed, settings
+from fuzz_shards import fuzz_shards
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 EXAMPLES = int(os.environ.get("CELLGEN_FUZZ_EXAMPLES", "100"))
-EXCLUDE = frozenset(c for c in os.environ.get("CELLGEN_FUZZ_EXCLUDE", "").split(",") if c)
-SEED = int(os.environ.get("CELLGEN_FUZZ_SEED", "0"))
 DTYPES = tuple(np.dtype(d) for d in os.environ.get("CELLGEN_FUZZ_DTYPES", "").split(",") if d)
-PHASES = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("CELLGEN_FUZZ_SHRINK") else [])
 
 
-#: the examples run as this many tests (seeds SEED * SHARDS + k), so ``pytest -n 2`` shares them out
-SHARDS = 5
+def _check_one(fz, data, tmp_path_factory: pytest.TempPathFactory) -> None:
+    folder = tmp_path_factory.mktemp("fuzz")
+    spec = folder / "probe.py"
+    spec.write_text(fz.text)
+    assume(not degenerate(spec))
+    dtypes = DTYPES or (data.draw(st.sampled_from([np.dtype(np.float64), np.dtype(np.float32)]), label="dtype"),)
+    check_spec(fz, folder, dtypes=dtypes)
 
 
-def _fuzz_shard(index: int):
-    @seed(SEED * SHARDS + index)
-    @settings(max_examples=-(-EXAMPLES // SHARDS), deadline=None, database=None, derandomize=False, print_blob=True,
-              phases=PHASES,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
-    @given(fz=specs(exclude=EXCLUDE), data=st.data())
-    def test(fz, data, tmp_path_factory: pytest.TempPathFactory) -> None:
-        folder = tmp_path_factory.mktemp("fuzz")
-        spec = folder / "probe.py"
-        spec.write_text(fz.text)
-        assume(not degenerate(spec))
-        dtypes = DTYPES or (data.draw(st.sampled_from([np.dtype(np.float64), np.dtype(np.float32)]), label="dtype"),)
-        check_spec(fz, folder, dtypes=dtypes)
-
-    test.__name__ = test.__qualname__ = f"test_random_specs_match_the_evaluator_{index}"
-    return test
-
-
-for _k in range(SHARDS):
-    globals()[f"test_random_specs_match_the_evaluator_{_k}"] = _fuzz_shard(_k)
+globals().update(fuzz_shards("test_random_specs_match_the_evaluator", EXAMPLES, _check_one))
 
 
 def test_the_strategy_covers_every_class() -> None:

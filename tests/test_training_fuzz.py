@@ -5,7 +5,7 @@ from the generator), in float64.
 For each drawn spec, every parameter, the inputs and each initial state get a directional check:
 ``<grad, V>`` against ``(L(A + eps V) - L(A - eps V)) / (2 eps)`` for a random direction ``V``,
 relative to ``|grad| |V|``, at most 1e-6; and the fused cpu backward must equal the unfused
-reference one. ``CELLGEN_TRAIN_FUZZ_EXAMPLES`` (default 50, as ``SHARDS`` tests of a fifth each),
+reference one. ``CELLGEN_TRAIN_FUZZ_EXAMPLES`` (default 50, as ``fuzz_shards.SHARDS`` tests of a fifth each),
 ``CELLGEN_FUZZ_EXCLUDE`` and ``CELLGEN_FUZZ_SEED`` work as in tests/test_fuzz.py.
 """
 
@@ -15,38 +15,22 @@ import os
 
 import numpy as np
 import pytest
-from fuzz_specs import Evaluator, build_spec, degenerate, from_text, load_cell, random_inputs, specs
+from fuzz_specs import Evaluator, build_spec, degenerate, from_text, load_cell, random_inputs
+from fuzz_shards import fuzz_shards
 from gradcheck import directional_error, linear_loss, relative_error
-from hypothesis import HealthCheck, Phase, assume, given, seed, settings
+from hypothesis import assume
 
 EXAMPLES = int(os.environ.get("CELLGEN_TRAIN_FUZZ_EXAMPLES", "50"))
-EXCLUDE = frozenset(c for c in os.environ.get("CELLGEN_FUZZ_EXCLUDE", "").split(",") if c)
-SEED = int(os.environ.get("CELLGEN_FUZZ_SEED", "0"))
-PHASES = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("CELLGEN_FUZZ_SHRINK") else [])
 TOL = 1e-6
 
 
-#: the examples run as this many tests (seeds SEED * SHARDS + k), so ``pytest -n 2`` shares them out
-SHARDS = 5
+def _check_one(fz, _data, tmp_path_factory: pytest.TempPathFactory) -> None:
+    folder = spec_folder(fz, tmp_path_factory)
+    assume(not degenerate(folder / "probe.py"))
+    gradients_equal_finite_differences(fz, folder)
 
 
-def _fuzz_shard(index: int):
-    @seed(SEED * SHARDS + index)
-    @settings(max_examples=-(-EXAMPLES // SHARDS), deadline=None, database=None, derandomize=False, print_blob=True,
-              phases=PHASES,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
-    @given(fz=specs(exclude=EXCLUDE))
-    def test(fz, tmp_path_factory: pytest.TempPathFactory) -> None:
-        folder = spec_folder(fz, tmp_path_factory)
-        assume(not degenerate(folder / "probe.py"))
-        gradients_equal_finite_differences(fz, folder)
-
-    test.__name__ = test.__qualname__ = f"test_random_spec_gradients_equal_finite_differences_{index}"
-    return test
-
-
-for _k in range(SHARDS):
-    globals()[f"test_random_spec_gradients_equal_finite_differences_{_k}"] = _fuzz_shard(_k)
+globals().update(fuzz_shards("test_random_spec_gradients_equal_finite_differences", EXAMPLES, _check_one))
 
 
 def spec_folder(fz, tmp_path_factory: pytest.TempPathFactory):
