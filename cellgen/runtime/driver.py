@@ -173,6 +173,19 @@ def reverse_sequence(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return out
 
 
+def prepare_directions(cell: CellInfo, entry, params_fw, params_bw, inputs, sequence_length, initial_state_fw,
+                       initial_state_bw, time_major, hyper):
+    """A bidirectional call's two prepared calls: the forward direction's, and the backward direction's
+    with each sequence reversed in its length (TF's ``reverse_sequence``)."""
+    arrays = entry.arrays
+    fw = arrays.prepare(cell, params_fw, inputs, sequence_length, initial_state_fw, time_major, hyper,
+                        "initial_state_fw")
+    bw = arrays.prepare(cell, params_bw, inputs, sequence_length, initial_state_bw, time_major, hyper,
+                        "initial_state_bw")
+    bw.xs = arrays.reverse_sequence(bw.xs, bw.lengths)
+    return fw, bw
+
+
 def bidirectional_dynamic_rnn(cell: CellInfo, params_fw, params_bw, inputs, *, sequence_length=None,
                               initial_state_fw=None, initial_state_bw=None, time_major=False, backend="cpu",
                               hyper=None):
@@ -180,11 +193,8 @@ def bidirectional_dynamic_rnn(cell: CellInfo, params_fw, params_bw, inputs, *, s
     hyper = hyper or {}
     entry = backend_run(cell, backend)
     arrays = entry.arrays
-    fw = arrays.prepare(cell, params_fw, inputs, sequence_length, initial_state_fw, time_major, hyper,
-                        "initial_state_fw")
-    bw = arrays.prepare(cell, params_bw, inputs, sequence_length, initial_state_bw, time_major, hyper,
-                        "initial_state_bw")
-    bw.xs = arrays.reverse_sequence(bw.xs, bw.lengths)
+    fw, bw = prepare_directions(cell, entry, params_fw, params_bw, inputs, sequence_length, initial_state_fw,
+                                initial_state_bw, time_major, hyper)
     out, states = run(cell, fw, entry)
     out_fw, state_fw = arrays.finish(cell, out, states, time_major, fw)
     arrays.release(fw, out, states)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cellgen.runtime.driver import BackendRun, Call, CellInfo, backend_run, reverse_sequence
+from cellgen.runtime.driver import BackendRun, Call, CellInfo, backend_run, prepare_directions, reverse_sequence
 
 
 @dataclass(frozen=True)
@@ -148,11 +148,8 @@ def bidirectional_dynamic_rnn_vjp(cell: CellInfo, params_fw, params_bw, inputs, 
     hyper = hyper or {}
     entry = backend_run(cell, backend)
     arrays = entry.arrays
-    fw = arrays.prepare(cell, params_fw, inputs, sequence_length, initial_state_fw, time_major, hyper,
-                        "initial_state_fw")
-    bw = arrays.prepare(cell, params_bw, inputs, sequence_length, initial_state_bw, time_major, hyper,
-                        "initial_state_bw")
-    bw.xs = arrays.reverse_sequence(bw.xs, bw.lengths)
+    fw, bw = prepare_directions(cell, entry, params_fw, params_bw, inputs, sequence_length, initial_state_fw,
+                                initial_state_bw, time_major, hyper)
     out_fw, states_fw, back_fw = vjp_call(cell, entry, fw, bool(recompute))
     out_bw, states_bw, back_bw = vjp_call(cell, entry, bw, bool(recompute))
     result_fw = arrays.finish(cell, out_fw, states_fw, time_major, fw)
