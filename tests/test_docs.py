@@ -73,6 +73,15 @@ def test_readme_links_resolve() -> None:
         assert (REPO / link).is_file(), link
 
 
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    """README's second command (set up and run the tests) is the last line of .ci/run, word for word."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Two commands", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line and not line.startswith("#")]
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2 and ci[-1] == commands[1], (commands, ci)
+
+
 def test_documented_error_messages_are_real() -> None:
     """Each example message in docs/dsl.md's table comes from spec.py's wording."""
     text = (DOCS / "dsl.md").read_text()
