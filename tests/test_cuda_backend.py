@@ -292,10 +292,33 @@ def test_every_spec_compiles_to_sass_for_sm80_and_sm90_without_spills() -> None:
 
 
 # -- numbers, in the simulator ---------------------------------------------------------------------
+#: tests/cuda_sim_cases.py runs as this many processes (every SIM_SHARDS-th test each; tests/conftest.py)
+SIM_SHARDS = 4
+
+
 @pytest.mark.skipif(SIMULATED, reason="this process is already the simulator")
-def test_simulator_suite() -> None:
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+@pytest.mark.parametrize("shard", range(SIM_SHARDS))
+def test_simulator_suite(shard: int) -> None:
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "CELLGEN_TEST_SHARD": f"{shard}/{SIM_SHARDS}"}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/cuda_sim_cases.py"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-5000:]
-    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
+    last = done.stdout.splitlines()[-1]
+    assert " passed" in last and "skipped" not in last and "failed" not in last, done.stdout[-2000:]
+
+
+@pytest.mark.skipif(SIMULATED, reason="this process is already the simulator")
+def test_simulator_shards_cover_every_case() -> None:
+    """The shards' union is the whole file, each case once."""
+    def collected(shard: str | None) -> list[str]:
+        env = {k: v for k, v in os.environ.items() if k != "CELLGEN_TEST_SHARD"} | {"NUMBA_ENABLE_CUDASIM": "1"}
+        if shard is not None:
+            env["CELLGEN_TEST_SHARD"] = shard
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
+                               "tests/cuda_sim_cases.py"], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+        return [line for line in done.stdout.splitlines() if "::" in line]
+
+    shards = [collected(f"{k}/{SIM_SHARDS}") for k in range(SIM_SHARDS)]
+    assert all(shards) and sorted(sum(shards, [])) == sorted(collected(None))
