@@ -561,11 +561,13 @@ def test_random_specs_backward_on_the_simulator(tmp_path_factory) -> None:
     run()
 
 
-HALF_FUSED_SPEC = '''"""Two stages: stage 0's operand is two states (its transposed GEMM cannot fuse), stage 1's one."""
+#: Two stages; stage 0's operand is [h, c] (two parts of num_units: a thread of its transposed GEMM keeps
+#: two accumulators, drec0[b, j] and drec0[b, num_units + j]), stage 1's is one.
+TWO_PART_SPEC = '''"""Two stages: stage 0's operand is two states of one size, stage 1's one."""
 
 from cellgen.dsl import Cell, sigmoid, tanh
 
-cell = Cell("half_fused", doc=__doc__)
+cell = Cell("two_part", doc=__doc__)
 x = cell.input()
 c = cell.state("c")
 h = cell.state("h")
@@ -576,14 +578,35 @@ cell.update(c, new_c)
 cell.update(h, tanh(p) + 0.5 * h)
 cell.output(h)
 '''
+#: The same with q of another size: stage 0's operand parts differ (num_units, k), so its transposed
+#: GEMM is the runtime's and its epilogue a kernel of its own, beside a fused stage 1.
+HALF_FUSED_SPEC = '''"""Two stages: stage 0's operand is two states of two sizes, stage 1's one."""
+
+from cellgen.dsl import Cell, sigmoid, tanh
+
+cell = Cell("half_fused", doc=__doc__)
+k = cell.size("k")
+x = cell.input()
+h = cell.state("h")
+q = cell.state("q", size=k)
+i, f = cell.linear([x, h, q], gates=("i", "f"), kernel="a", bias="b")
+new_h = sigmoid(f) * h + tanh(i) * sigmoid(i)
+p = cell.linear([tanh(new_h)], gates=("p",), kernel="p/kernel", bias=None, size=k)
+cell.update(h, new_h)
+cell.update(q, tanh(p) + 0.5 * q)
+cell.output(new_h)
+'''
 
 
-def test_backward_fused_and_fallback_in_one_step(tmp_path: Path) -> None:
-    """A step with both: stage 1's transposed GEMM fused with its epilogue, stage 0's (drec0 read at
-    j and j + num_units: two operand parts) the runtime's GEMM, then epilogue 2 and epilogue 0 of step
-    t - 1 in one elementwise kernel; float64 gradients == the reference backend's (1e-12)."""
+@pytest.mark.parametrize(("text", "sizes", "expected"), [
+    (TWO_PART_SPEC, {}, {"backward0", "backward_stage1", "backward_stage0"}),
+    (HALF_FUSED_SPEC, {"k": 33}, {"backward0", "backward_stage1", "backward2"}),
+], ids=["two_part_operand", "fused_and_fallback"])
+def test_backward_operand_parts_and_fallback(text: str, sizes, expected, tmp_path: Path) -> None:
+    """A transposed GEMM whose result is two operand parts (two accumulators a thread), and a step with
+    both a fused stage and the fallback (the runtime's GEMM, then epilogue 2 as its own kernel);
+    H = 37, float64 gradients == the reference backend's (1e-12)."""
     from fuzz_specs import from_text
 
-    spec = from_text(HALF_FUSED_SPEC, num_units=37, input_size=3, seed=5)
-    kernels = _random_backward_equals_reference(spec, tmp_path, tol=1e-12)
-    assert kernels == {"backward0", "backward_stage1", "backward2"}
+    spec = from_text(text, num_units=37, input_size=3, sizes=sizes, seed=5)
+    assert _random_backward_equals_reference(spec, tmp_path, tol=1e-12) == expected

@@ -5,7 +5,7 @@ reverse step one ``backward_stage{s}`` kernel per transposed GEMM ``drec{s} = dg
 that applies the epilogue it feeds from its accumulator (the last one also epilogue 0 of step
 t - 1), elementwise ``backward{k}`` kernels and runtime GEMMs only where fusing is not possible.
 This module prints the layout: expressions by the forward's printers (a fused GEMM's result
-``drec{s}[b, j]`` prints as the accumulator ``_acc0``), sizes by ``print_index``. After the loop the
+``drec{s}[b, m*D + j]`` prints as the accumulator ``_acc{m}``), sizes by ``print_index``. After the loop the
 weight gradients (``a^T @ b`` over all T*B rows), the column sums and the inputs' adjoint are
 launches of the runtime's GEMM (:mod:`cellgen.backends.cuda.gemm`). The outputs' adjoint is
 time-major on the device (``dout[t, b, j]``).
@@ -25,38 +25,41 @@ from cellgen.backends.cuda.backward_layout import (
     RuntimeGemm,
     backward_layout,
 )
-from cellgen.backends.cuda.layout import BLOCK_ROWS, BLOCK_UNITS
+from cellgen.backends.cuda.layout import BLOCK_ROWS, BLOCK_UNITS, StageGemm, gate_of
 from cellgen.codegen.loops import KernelPrinter
 from cellgen.codegen.printing import DTYPES, NumbaPrinter, print_index
 from cellgen.codegen.training import host_context, kernel_order
 from cellgen.ir.backward import TrainingPlan, array_rows, d_gates_array, d_operand_array
 from cellgen.ir.plan import UNIT, FusedPlan
 
-#: The accumulator of a backward stage kernel's thread (its operand unit j of row b).
-ACC = "_acc0"
-
-
 class _AccumulatorPrinter(NumbaPrinter):
-    """:class:`NumbaPrinter` for a backward stage kernel: ``drec{s}[b, j]`` is the thread's accumulator."""
+    """:class:`NumbaPrinter` for a backward stage kernel: ``drec{s}[b, m*D + j]`` is the thread's
+    accumulator ``_acc{m}`` (``gemm``: the kernel's :class:`StageGemm`, None for no accumulator)."""
 
-    def __init__(self, dtype: str, batched: tuple[str, ...], result: str | None, rows: dict[str, str]) -> None:
+    def __init__(self, dtype: str, batched: tuple[str, ...], gemm: StageGemm | None, rows: dict[str, str]) -> None:
         super().__init__(dtype, batched, row="b", arrays={}, rows=rows)
-        self.result = result
+        self.gemm = gemm
 
     def _print_Indexed(self, expr: sympy.Indexed) -> str:
-        if str(expr.base) != self.result:
+        if self.gemm is None or str(expr.base) != self.gemm.result:
             return super()._print_Indexed(expr)
-        if sympy.simplify(expr.indices[0] - UNIT) != 0:
-            raise ValueError(f"{expr} is not the column of {expr.base} this thread accumulates")
-        return ACC
+        m = gate_of(expr.indices[0], self.gemm.units, self.gemm.gates)
+        if m is None:
+            raise ValueError(f"{expr} is not a column of {expr.base} this thread accumulates")
+        return accumulator(m)
 
 
 class _PartPrinter(KernelPrinter):
     """The loops' printer with an :class:`_AccumulatorPrinter` (same statements)."""
 
-    def __init__(self, plan: FusedPlan, dtype: str, result: str | None, rows: dict[str, str]) -> None:
+    def __init__(self, plan: FusedPlan, dtype: str, gemm: StageGemm | None, rows: dict[str, str]) -> None:
         self.plan = plan
-        self.printer = _AccumulatorPrinter(dtype, plan.batched_arrays, result, rows)
+        self.printer = _AccumulatorPrinter(dtype, plan.batched_arrays, gemm, rows)
+
+
+def accumulator(m: int) -> str:
+    """The accumulator of a backward stage kernel's thread for part m of its operand."""
+    return f"_acc{m}"
 
 
 def _indent(text: str, n: int = 4) -> str:
@@ -80,8 +83,8 @@ def _printed(tp: TrainingPlan, kernel: BackwardKernel, dtype: str) -> dict[str, 
     rows = array_rows(tp, d_out="t, b")
     parts = []
     for part in kernel.parts:
-        result = kernel.gemm.result if part.accumulator and kernel.gemm else None
-        kp = _PartPrinter(plan, dtype, result, _next_step_rows(rows) if part.next_step else rows)
+        kp = _PartPrinter(plan, dtype, kernel.gemm if part.accumulator else None,
+                          _next_step_rows(rows) if part.next_step else rows)
         texts = [kp.loop(loop) for loop in by_index[part.epilogue]]
         step = NEXT_STEP if part.next_step else "t"
         cond = f"t > 0 and {step} < lengths[b]" if part.next_step else f"{step} < lengths[b]"
@@ -98,10 +101,13 @@ def _printed(tp: TrainingPlan, kernel: BackwardKernel, dtype: str) -> dict[str, 
     if g is not None:
         plain = NumbaPrinter(dtype, plan.batched_arrays, row="b")
         out["gemm"] = {"stage": g.stage, "gates": d_gates_array(g.stage), "operand": g.operand, "weight": g.weight,
-                       "rows": print_index(g.rows), "width": print_index(g.width), "tile_k": g.tile_k,
-                       "rows_per_thread": g.rows_per_thread, "block": list(g.block),
-                       "store": plain.doprint(sympy.Indexed(sympy.IndexedBase(g.result), UNIT))
-                       if kernel.stored else None}
+                       "rows": print_index(g.rows), "units": print_index(g.units), "tile_k": g.tile_k,
+                       "rows_per_thread": g.rows_per_thread, "block": list(g.block), "pieces": g.gates,
+                       "per_thread": g.per_thread,
+                       "accs": [{"name": accumulator(m), "offset": print_index(m * g.units) if m else None}
+                                for m in range(g.gates)],
+                       "stores": [{"target": plain.doprint(sympy.IndexedBase(g.result)[m * g.units + UNIT]),
+                                   "acc": accumulator(m)} for m in range(g.gates)] if kernel.stored else []}
     return out
 
 
@@ -152,5 +158,5 @@ def backward_context(tp: TrainingPlan, fuse: bool = True) -> dict[str, Any]:
                "kernels": [_printed(tp, k, dtype) for k in layout.kernels]} for dtype in DTYPES]
     return {**host_context(tp, used), "dtypes": dtypes, "first": [_launch(k) for k in layout.first], "launches": step,
             "scan": _launch(layout.scan) if layout.scan else None,
-            "epilogues": [_launch(k) for k in layout.kernels], "step_var": NEXT_STEP, "acc": ACC,
+            "epilogues": [_launch(k) for k in layout.kernels], "step_var": NEXT_STEP,
             "runtime_stages": [i.stage for i in layout.step if isinstance(i, RuntimeGemm)]}

@@ -15,8 +15,10 @@ Fusing a part into a kernel is decided on the IR (:func:`fusable`): within one k
 read what another thread writes, since a kernel has no grid-wide barrier. So every array a part
 stores into must be accessed, by every part of the kernel, at columns a thread owns (``j + c`` with
 ``c`` equal, or a whole multiple of the loops' common domain apart); the epilogue fed by the GEMM
-must read ``drec{s}`` only at ``[b, j]`` in loops over the GEMM's output units; and no part of step
-t may store into the GEMM's own input ``dg{s}`` (epilogue 0 of step t - 1 writes its row t - 1).
+must read ``drec{s}`` only at columns the thread accumulates, ``[b, m*D + j]``, in loops over D units
+(an operand of M parts of D rows each, e.g. ``[h, c]``, gives a thread M accumulators; one part: M = 1,
+D = the operand's width); and no part of step t may store into the GEMM's own input ``dg{s}``
+(epilogue 0 of step t - 1 writes its row t - 1).
 Where that fails, the GEMM is today's launch of the runtime's GEMM and the epilogue its own kernel
 (``backward{k}``), so the answer is never wrong; no shipped spec needs that.
 """
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from cellgen.backends.cuda.layout import BLOCK_ROWS, BLOCK_UNITS, TILE_K, StageGemm
+from cellgen.backends.cuda.layout import BLOCK_ROWS, BLOCK_UNITS, TILE_K, StageGemm, gate_of
 from cellgen.codegen.uses import kernel_names, loop_exprs
 from cellgen.ir.backward import (
     D_PRE,
@@ -41,7 +43,7 @@ from cellgen.ir.backward import (
     d_gates_array,
     d_operand_array,
 )
-from cellgen.ir.plan import UNIT, Loop, size_name
+from cellgen.ir.plan import UNIT, Loop, RecurrentGemm, size_name
 
 #: The variable a kernel's part of the next reverse step (t - 1) indexes its rows with.
 NEXT_STEP = "t1"
@@ -60,7 +62,9 @@ class Part:
 @dataclass(frozen=True)
 class BackwardKernel:
     """One launch of the reverse loop: an optional transposed GEMM (``gemm``: ``result = operand @
-    weight`` with ``operand = dg{s}[t]``, one accumulator per thread, ``gates == 1``) and the epilogue
+    weight`` with ``operand = dg{s}[t]``; a thread accumulates ``gemm.gates`` columns ``m * units + j``
+    of the result, one per part of the forward operand, e.g. ``[h, c]``: no interleaving, each part's
+    32 columns of a weight row are one coalesced load) and the epilogue
     parts it runs from the accumulator, in order. ``stored``: the accumulator is also written to
     ``drec{s}`` for an epilogue of a later kernel. ``extents``: the unit counts its threads cover."""
 
@@ -142,9 +146,10 @@ def _owned(a: tuple[sympy.Expr, sympy.Expr], b: tuple[sympy.Expr, sympy.Expr]) -
 
 
 def fusable(tp: TrainingPlan, parts: list[tuple[Part, tuple[Loop, ...]]], gemm_stage: int | None,
-            units: sympy.Expr | None) -> bool:
-    """Whether ``parts`` (with the GEMM of forward stage ``gemm_stage`` over ``units`` output units,
-    if any) can run in one kernel without a grid barrier (the module docstring's rules)."""
+            units: sympy.Expr | None, pieces: int = 1) -> bool:
+    """Whether ``parts`` (with the GEMM of forward stage ``gemm_stage``, if any, whose result is
+    ``pieces`` operand parts of ``units`` columns each) can run in one kernel without a grid barrier
+    (the module docstring's rules)."""
     same = _same_array(tp)
     rows = array_rows(tp, d_out="t, b")
     accesses = [(p, a) for p, loops in parts for a in _accesses(loops, same)]
@@ -161,12 +166,24 @@ def fusable(tp: TrainingPlan, parts: list[tuple[Part, tuple[Loop, ...]]], gemm_s
         if store and name == dg and (not part.next_step or any(
                 rows.get(n) != "t, b" for n in (dg, D_PRE, D_PRE_PREV) if same.get(n, n) == dg)):
             return False  # the GEMM reads dg{s}[t]: only the next step's row t - 1 may be written
-        if name == drec and (part.next_step or not part.accumulator or sympy.simplify(index - UNIT) != 0
+        if name == drec and (part.next_step or not part.accumulator or gate_of(index, units, pieces) is None
                              or sympy.simplify(domain - units) != 0):
-            return False
+            return False  # a thread holds columns m * units + j of drec{s} (m < pieces), in loops over units
         if part.next_step and name.startswith("drec"):
             return False  # epilogue 0 reads no operand adjoint
     return True
+
+
+def operand_pieces(gemm: RecurrentGemm) -> tuple[int, sympy.Expr]:
+    """(M, D): the GEMM's operand is M parts of D rows each, part m at rows ``m * D`` (one part: the
+    whole operand). A backward stage kernel's thread then accumulates ``drec{s}[b, m * D + j]``."""
+    sizes = {sympy.sympify(o.size) for o in gemm.operands}
+    if len(gemm.operands) > 1 and len(sizes) == 1:
+        d = sizes.pop()
+        if all(sympy.simplify(o.offset - m * d) == 0 for m, o in enumerate(gemm.operands)) and \
+                sympy.simplify(len(gemm.operands) * d - gemm.rows) == 0:
+            return len(gemm.operands), d
+    return 1, gemm.rows
 
 
 def _reads(loops: tuple[Loop, ...], array: str) -> bool:
@@ -196,10 +213,11 @@ def backward_layout(tp: TrainingPlan, order: list[str], fuse: bool = True) -> Ba
     for k, g in enumerate(plan.gemms):
         stage = tp.stages[k]
         following = [Part(k + 1, accumulator=True)] if k + 1 in by_index else []
-        if fuse and fusable(tp, with_loops(following), stage, g.rows):
+        pieces, units = operand_pieces(g)
+        if fuse and fusable(tp, with_loops(following), stage, units, pieces):
             gemm = StageGemm(stage=stage, operand=f"{d_gates_array(stage)}_t", weight=f"wt{stage}",
-                             result=d_operand_array(stage), rows=g.width, width=g.rows, units=g.rows, gates=1,
-                             stored=(0,), block=(BLOCK_UNITS, BLOCK_ROWS), tile_k=TILE_K)
+                             result=d_operand_array(stage), rows=g.width, width=g.rows, units=units, gates=pieces,
+                             stored=tuple(range(pieces)), block=(BLOCK_UNITS, BLOCK_ROWS), tile_k=TILE_K)
             step.append(_Draft(f"backward_stage{stage}", gemm, following))
         else:
             step.append(RuntimeGemm(stage))
@@ -210,7 +228,7 @@ def backward_layout(tp: TrainingPlan, order: list[str], fuse: bool = True) -> Ba
         last = step[-1] if step else None
         if fuse and isinstance(last, _Draft) and fusable(
                 tp, with_loops([*last.parts, Part(0, next_step=True)]), last.gemm and last.gemm.stage,
-                last.gemm and last.gemm.units):
+                last.gemm and last.gemm.units, last.gemm.gates if last.gemm else 1):
             last.parts.append(Part(0, next_step=True))
             first.append(_Draft("backward0", parts=[Part(0)]))
         else:
@@ -234,7 +252,7 @@ def backward_layout(tp: TrainingPlan, order: list[str], fuse: bool = True) -> Ba
             stored = any(_reads(tuple(by_index[p.epilogue]), g.result) for o in drafts if o is not d for p in o.parts)
             names |= {dg, g.weight, *(size_name(str(s)) for s in (g.rows + g.width).free_symbols)}
             names |= {g.result} if stored else set()
-            extents.insert(0, sympy.sympify(g.width))
+            extents.insert(0, sympy.sympify(g.units))
         args = tuple(n for n in ["t", "T", *order] if n in names)
         missing = sorted(names - set(args))
         assert not missing, f"cellgen bug: backward kernel variables with no host value: {missing}"
