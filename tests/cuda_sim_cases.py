@@ -464,3 +464,149 @@ def test_bidirectional_backward_and_device_arrays(name: str) -> None:
     g = backward(cuda.to_device(np.ones(out.shape)))
     assert is_device_array(g.inputs) and g.inputs.shape == case.inputs.shape
     assert all(is_device_array(s) for s in g.initial_state)
+
+
+#: The shipped specs with a recurrent GEMM: their backward runs one fused kernel per transposed GEMM a step.
+GEMM_SPECS = ("basic_lstm", "basic_rnn", "gru", "gru_cudnn", "lstm")
+
+
+def _cuda_vs_reference(case) -> None:
+    from gradcheck import relative_error, vjp, weights
+
+    grads = {}
+    for backend in ("cuda", "reference"):
+        (out, state), backward = vjp(case, backend)
+        r_out, r_states = weights(out, state)
+        grads[backend] = _all_grads(case.mod, backward(r_out, case.mod.State(*r_states)))
+    for key, want in grads["reference"].items():
+        assert relative_error(grads["cuda"][key], want) <= 1e-12, key
+
+
+@pytest.mark.parametrize("name", GEMM_SPECS)
+def test_fused_backward_several_blocks_and_tiles(name: str) -> None:
+    """The fused backward kernels at sizes that are multiples of nothing: B = 5 (lengths 0 and T
+    among them: 2 row blocks), H = 37 (2 unit blocks; the reduction over G*37 gate columns spans
+    several K tiles), random initial states; float64 gradients == the reference backend's (1e-12)."""
+    from gradcheck import make_case
+
+    mod = _module(name)
+    assert {f"backward_stage{s}" for s in range(len(mod._CUDA_GATES))} <= set(mod._CUDA_SOURCES[np.dtype("float64")])
+    case = make_case(name, seed=31, lengths=(4, 0, 2, 4, 1), units=37, input_size=5,
+                     sizes={"num_proj": 33} if name == "lstm" else None)
+    _cuda_vs_reference(case)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_unfused_backward_fallback(name: str, tmp_path: Path, monkeypatch) -> None:
+    """The backward's fallback (each epilogue its own kernel, each transposed GEMM the runtime's GEMM),
+    forced for a shipped two-stage spec, equals the reference backend's gradients."""
+    from gradcheck import make_case
+
+    from cellgen.backends.cuda import backward as cuda_backward
+
+    layout_of = cuda_backward.layout_of
+    monkeypatch.setattr(cuda_backward, "layout_of", lambda tp, fuse=True: layout_of(tp, fuse=False))
+    (result,) = build([Path(__file__).resolve().parent.parent / "specs" / f"{name}.py"], tmp_path / "out")
+    loader = importlib.util.spec_from_file_location(f"unfused_{name}", result.target)
+    mod = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(mod)
+    kernels = {k for k in mod._CUDA_SOURCES[np.dtype("float64")] if k.startswith("backward")}
+    assert kernels == {"backward0", "backward1", "backward2"}
+    _cuda_vs_reference(make_case(name, seed=32, lengths=(3, 0, 2), units=6, mod=mod,
+                                 sizes={"num_proj": 4} if name == "lstm" else None))
+
+
+def _random_backward_equals_reference(fz, folder: Path, tol: float = 1e-10) -> set[str]:
+    """One drawn spec: the cuda backward's float64 gradients == the reference backend's (``tol``);
+    returns the module's backward kernels (fused or not)."""
+    from fuzz_specs import Evaluator, build_spec, load_cell, random_inputs
+    from gradcheck import relative_error
+
+    path, module = build_spec(fz.text, folder)
+    ev = Evaluator(load_cell(path), fz.input_size, fz.num_units, fz.sizes)
+    params, inputs, lengths, initial = random_inputs(ev, fz, np.dtype(np.float64))
+    grads = {}
+    for backend in ("cuda", "reference"):
+        (out, states), backward = module.dynamic_rnn_vjp(params, inputs, sequence_length=lengths,
+                                                         initial_state=module.State(*initial), backend=backend,
+                                                         **fz.hyper)
+        r_rng = np.random.default_rng(fz.seed + 1)
+        r_out = r_rng.standard_normal(np.shape(out))
+        g = backward(r_out, module.State(*(r_rng.standard_normal(np.shape(s)) for s in states)))
+        grads[backend] = {**{f"params[{k}]": v for k, v in g.params.items()}, "inputs": g.inputs,
+                          **{f"initial_state.{n}": s for n, s in zip(module.STATE, g.initial_state, strict=True)}}
+    for name, want in grads["reference"].items():
+        assert relative_error(grads["cuda"][name], want) <= tol, f"cuda and reference differ in {name}"
+    return {k for k in module._CUDA_SOURCES[np.dtype("float64")] if k.startswith("backward")}
+
+
+def test_random_specs_backward_on_the_simulator(tmp_path_factory) -> None:
+    """The training fuzzer's random specs (fused where backward_layout allows, the fallback elsewhere) on
+    backend="cuda": gradients == the reference backend's, float64 (CELLGEN_FUZZ_CUDA_EXAMPLES, default 6)."""
+    import os
+
+    from fuzz_specs import degenerate, specs
+    from hypothesis import HealthCheck, Phase, assume, given, seed, settings
+
+    @seed(int(os.environ.get("CELLGEN_FUZZ_SEED", "0")) + 2)
+    @settings(max_examples=int(os.environ.get("CELLGEN_FUZZ_CUDA_EXAMPLES", "6")), deadline=None, database=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(fz=specs())
+    def run(fz) -> None:
+        folder = tmp_path_factory.mktemp("fuzz_cuda_backward")
+        (folder / "probe.py").write_text(fz.text)
+        assume(not degenerate(folder / "probe.py"))
+        _random_backward_equals_reference(fz, folder)
+
+    run()
+
+
+#: Two stages; stage 0's operand is [h, c] (two parts of num_units: a thread of its transposed GEMM keeps
+#: two accumulators, drec0[b, j] and drec0[b, num_units + j]), stage 1's is one.
+TWO_PART_SPEC = '''"""Two stages: stage 0's operand is two states of one size, stage 1's one."""
+
+from cellgen.dsl import Cell, sigmoid, tanh
+
+cell = Cell("two_part", doc=__doc__)
+x = cell.input()
+c = cell.state("c")
+h = cell.state("h")
+i, f = cell.linear([x, h, c], gates=("i", "f"), kernel="k", bias="b")
+new_c = sigmoid(f) * c + tanh(i) * sigmoid(i)
+p = cell.linear([tanh(new_c)], gates=("p",), kernel="p/kernel", bias=None)
+cell.update(c, new_c)
+cell.update(h, tanh(p) + 0.5 * h)
+cell.output(h)
+'''
+#: The same with q of another size: stage 0's operand parts differ (num_units, k), so its transposed
+#: GEMM is the runtime's and its epilogue a kernel of its own, beside a fused stage 1.
+HALF_FUSED_SPEC = '''"""Two stages: stage 0's operand is two states of two sizes, stage 1's one."""
+
+from cellgen.dsl import Cell, sigmoid, tanh
+
+cell = Cell("half_fused", doc=__doc__)
+k = cell.size("k")
+x = cell.input()
+h = cell.state("h")
+q = cell.state("q", size=k)
+i, f = cell.linear([x, h, q], gates=("i", "f"), kernel="a", bias="b")
+new_h = sigmoid(f) * h + tanh(i) * sigmoid(i)
+p = cell.linear([tanh(new_h)], gates=("p",), kernel="p/kernel", bias=None, size=k)
+cell.update(h, new_h)
+cell.update(q, tanh(p) + 0.5 * q)
+cell.output(new_h)
+'''
+
+
+@pytest.mark.parametrize(("text", "sizes", "expected"), [
+    (TWO_PART_SPEC, {}, {"backward0", "backward_stage1", "backward_stage0"}),
+    (HALF_FUSED_SPEC, {"k": 33}, {"backward0", "backward_stage1", "backward2"}),
+], ids=["two_part_operand", "fused_and_fallback"])
+def test_backward_operand_parts_and_fallback(text: str, sizes, expected, tmp_path: Path) -> None:
+    """A transposed GEMM whose result is two operand parts (two accumulators a thread), and a step with
+    both a fused stage and the fallback (the runtime's GEMM, then epilogue 2 as its own kernel);
+    H = 37, float64 gradients == the reference backend's (1e-12)."""
+    from fuzz_specs import from_text
+
+    spec = from_text(text, num_units=37, input_size=3, sizes=sizes, seed=5)
+    assert _random_backward_equals_reference(spec, tmp_path, tol=1e-12) == expected

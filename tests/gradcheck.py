@@ -62,16 +62,17 @@ class Case:
 
 
 def make_case(name: str, *, time_major: bool = False, dtype=np.float64, seed: int = 0, input_size: int = INPUT,
-              lengths=(0, T, 2, 3)) -> Case:
-    mod = importlib.import_module(f"generated.{name}")
+              lengths=(0, T, 2, 3), units: int = H, sizes: dict[str, int] | None = None, mod=None) -> Case:
+    mod = importlib.import_module(f"generated.{name}") if mod is None else mod
     rng = np.random.default_rng(seed)
-    sizes = SIZES.get(name, {})
-    params = mod.init_params(input_size, H, dtype=np.float64, seed=seed, **sizes)
+    sizes = SIZES.get(name, {}) if sizes is None else sizes
+    params = mod.init_params(input_size, units, dtype=np.float64, seed=seed, **sizes)
     params = {k: (v + 0.2 * rng.standard_normal(v.shape)).astype(dtype) for k, v in params.items()}
-    shape = (T, len(lengths), input_size) if time_major else (len(lengths), T, input_size)
+    steps = max(lengths)
+    shape = (steps, len(lengths), input_size) if time_major else (len(lengths), steps, input_size)
     inputs = rng.standard_normal(shape).astype(dtype)
     initial = mod.State(*(rng.standard_normal((len(lengths), n)).astype(dtype)
-                          for n in mod.state_size(H, input_size=input_size, **sizes)))
+                          for n in mod.state_size(units, input_size=input_size, **sizes)))
     return Case(mod, params, inputs, np.array(lengths), initial, dict(HYPER.get(name, {})), time_major)
 
 

@@ -156,6 +156,44 @@ def test_lstm_layout() -> None:
     assert "out_t[b, j] = np.float32(0.0)" not in text  # no masked branch
 
 
+@pytest.mark.parametrize(("name", "step"), [
+    ("basic_lstm", [("backward_stage0", [1, "0@t-1"])]),
+    ("basic_rnn", [("backward_stage0", [1, "0@t-1"])]),
+    ("gru_cudnn", [("backward_stage0", [1, "0@t-1"])]),
+    ("gru", [("backward_stage1", [1]), ("backward_stage0", [2, "0@t-1"])]),  # drec1 kept for epilogue 2
+    ("lstm", [("backward_stage1", [1]), ("backward_stage0", [2, "0@t-1"])]),
+    ("qrnn", []),  # no recurrent GEMM: the reverse scan is one kernel for every step
+])
+def test_backward_runs_one_fused_kernel_per_stage(name: str, step) -> None:
+    """Issue 13, item 5: per reverse step ONE kernel per transposed GEMM, which applies the epilogue the
+    GEMM feeds from its accumulator, the last also epilogue 0 of step t - 1; only step T - 1's epilogue 0
+    runs alone (before the loop). The generated loop launches no runtime GEMM and no lone epilogue."""
+    from cellgen.backends.cuda.backward import layout_of
+    from cellgen.backends.cuda.backward_layout import BackwardKernel
+    from cellgen.ir.backward import training_plan
+
+    tp = training_plan(_plan(name).spec)
+    layout = layout_of(tp)
+    assert all(isinstance(k, BackwardKernel) for k in layout.step)
+    parts = [(k.name, [f"{p.epilogue}@t-1" if p.next_step else p.epilogue for p in k.parts]) for k in layout.step]
+    assert parts == step
+    assert layout.fused_stages == tp.stages and layout.launches_per_step == len(tp.stages)
+    assert [k.name for k in layout.first] == (["backward0"] if tp.stages else [])
+    assert (layout.scan is None) == bool(tp.stages)
+    if layout.scan:
+        assert layout.scan.name == "backward_scan" and layout.scan.args[:2] == ("T", "lengths")
+    assert all(p.accumulator for k in layout.step for p in k.parts[:1] if k.gemm is not None)
+    assert [k.stored for k in layout.step if k.gemm] == ([True, False] if name == "gru" else [False] * len(tp.stages))
+    _, text = generate(REPO / "specs" / f"{name}.py")
+    start = text.index("def _cuda_backward(")
+    loop = text[start:text.index("# after the loop", start)]
+    assert "_cuda_gemm" not in loop and ("for t in range(T - 1, -1, -1):" in loop) == bool(tp.stages)
+    if tp.stages:
+        assert "k.backward0[" not in loop[loop.index("for t in range(T - 1, -1, -1):"):]
+    unfused = layout_of(tp, fuse=False)
+    assert unfused.fused_stages == () and unfused.launches_per_step == 2 * len(tp.stages) + 1 and not unfused.scan
+
+
 def test_stage_gemm_checks_its_tile() -> None:
     g0 = cuda_layout(_plan("basic_lstm")).kernels[0].gemm
     with pytest.raises(ValueError, match="K tile 16 != 32"):
@@ -285,6 +323,11 @@ def test_every_spec_compiles_to_sass_for_sm80_and_sm90_without_spills() -> None:
             ("qrnn", "scan"), ("gru_cudnn", "stage0")} <= kernels
     assert not any(k == "hoisted" for c, k in kernels if c != "runtime")  # compiled once, not per cell
     assert not any(k.startswith("epilogue") for _, k in kernels)  # every shipped epilogue is fused
+    backward = {(c, k) for c, k in kernels if k.startswith(("backward_stage", "backward_scan"))}  # the fused backward
+    assert backward == {("basic_lstm", "backward_stage0"), ("basic_rnn", "backward_stage0"), ("gru", "backward_stage0"),
+                        ("gru", "backward_stage1"), ("gru_cudnn", "backward_stage0"), ("lstm", "backward_stage0"),
+                        ("lstm", "backward_stage1"), ("qrnn", "backward_scan"), ("qrnn_f", "backward_scan"),
+                        ("qrnn_ifo", "backward_scan")}
     assert len(reports) == len(kernels) * 4
     for r in reports:
         assert r.spills == 0 and r.stack == 0, r
