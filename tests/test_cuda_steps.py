@@ -9,11 +9,14 @@ would be asked to do.
 from __future__ import annotations
 
 import doctest
+from pathlib import Path
 
 import pytest
 
 from cellgen.backends.cuda import graph, steps
+from cellgen.backends.cuda.layout import cuda_layout
 from cellgen.backends.cuda.steps import StageShape, persistent_grid, shared_bytes
+from cellgen.build import compile_spec
 
 H100_OPTIN, A100_OPTIN = 232448, 166912  # MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: 227 KiB, 163 KiB
 
@@ -43,6 +46,20 @@ def test_fewer_blocks_keep_several_slices() -> None:
     assert shared_bytes([StageShape(256, 256, 32)], 3, 4) == 3 * 256 * 32 * 4
     assert persistent_grid([StageShape(256, 256, 32)], 4, 3, H100_OPTIN) == (3, 98304)
     assert persistent_grid([StageShape(256, 256, 32)], 4, 0, H100_OPTIN) is None  # no cooperative launch
+
+
+def test_show_says_which_step_loop_runs() -> None:
+    plan = compile_spec(Path(__file__).resolve().parent.parent / "specs" / "lstm.py")[1]
+    layout = cuda_layout(plan)
+    sizes = {sym: 256 for sym in plan.spec.all_sizes}
+    lines = steps.describe(layout, 64, sizes)
+    assert lines[0] == "GPU per-step kernels at B=64: stage0 32x4, stage1 32x4"
+    assert lines[1] == ("GPU step loop (float32, H100/H200): persistent, 128 blocks of 32x4, 160 KiB of weight a "
+                        "block, 2 grid barrier(s) a step")
+    assert lines[2].startswith("GPU step loop (float32, A100): CUDA graph (the weight slices need 160 KiB")
+    small = steps.describe(layout, 16, {sym: 768 for sym in plan.spec.all_sizes})
+    assert small[0] == "GPU per-step kernels at B=16: stage0_all 32x16, stage1_all 32x16  (B <= 16: one block " \
+        "over all rows)" and all("CUDA graph" in line for line in small[1:])
 
 
 def test_the_choice_and_forcing_it(monkeypatch) -> None:
