@@ -397,6 +397,7 @@ def test_bench_cuda_runs_as_written() -> None:
 
     rows = bench_cuda([_module("lstm"), _module("qrnn")], [("tiny", (2, 2, 3, 4))], repeat=1, warmup=0)
     assert [(r["cell"], r["impl"]) for r in rows] == [("lstm", "cellgen cuda"), ("qrnn", "cellgen cuda")]
+    assert [r["step_loop"] for r in rows] == ["persistent", "scan"]  # the simulator's automatic choice
     assert all(r["device"] == "simulator" and {"best_ms", "median_ms"} <= set(r) for r in rows)
 
 
