@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from references import STEPS, bidirectional_dynamic_rnn, dynamic_rnn, multi_rnn, random_params, state_sizes
 
+from cellgen.backends.cuda import graph, steps
 from cellgen.build import build
 from cellgen.runtime.stack import multi_rnn as cellgen_multi_rnn
 
@@ -63,11 +64,59 @@ def _check(name, dtype, batch, steps, isize, units, proj) -> None:
         _close(got, ref, dtype)
 
 
+STEPPED = [name for name in SPECS if not name.startswith("qrnn")]  # qrnn*: one scan kernel, no step loop
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", SPECS)
 def test_every_spec_matches_cpu_and_reference(name: str, dtype) -> None:
     assert name in STEPS
+    steps.forget()
     _check(name, dtype, batch=5, steps=4, isize=3, units=7, proj=6)
+    # auto: the simulator runs the persistent kernel (one block) for every cell with a recurrent GEMM
+    expected = "persistent" if name in STEPPED else None
+    assert steps.last_path() == expected
+
+
+@pytest.mark.parametrize("name", STEPPED)
+def test_persistent_kernel_over_several_chunks_and_row_groups(name: str) -> None:
+    # one simulated block keeps both 32-unit chunks of every stage (37 units, 33 projected) and loops over
+    # 3 row groups of 8 (B = 18); 5 steps: odd T leaves a double-buffered state in the second buffer
+    steps.forget()
+    with steps.forced("persistent"):
+        _check(name, np.float64, batch=18, steps=5, isize=20, units=37, proj=33)
+    assert steps.last_path() == "persistent"
+
+
+@pytest.mark.parametrize(("name", "units", "capacity", "grid"), [
+    (n, u, c, g) for n in ("basic_rnn", "basic_lstm", "gru_cudnn") for u, c, g in ((37, 4, 4), (37, 7, 6), (70, 2, 2))
+] + [("basic_lstm", 37, 10, 10), ("basic_lstm", 37, 3, 2)])
+def test_persistent_grid_splits_chunks_and_rows(name: str, units: int, capacity: int, grid: int) -> None:
+    # One step of a one-stage cell: no block reads what another writes in the launch, so the simulator's
+    # blocks (run one after another, its grid barrier a block barrier) are exact, and what is checked is the
+    # kernel's split of (chunk, row group) over the grid: 37 units = 2 chunks, 18 rows = 5 groups of 4;
+    # capacity 4 -> 2 x 2 blocks, 7 -> 2 x 3 (row groups r, r + 3), 10 -> 2 x 5, 3 -> 2 x 1; 70 units = 3
+    # chunks on 2 blocks: block 0 keeps chunks 0 and 2, block 1 chunk 1, all rows.
+    steps.forget()
+    with steps.forced("persistent", simulated_blocks=capacity):
+        _check(name, np.float32, batch=18, steps=1, isize=5, units=units, proj=units)
+    assert steps.last_path() == "persistent" and steps.last_grid() == grid
+
+
+@pytest.mark.parametrize(("name", "batch"), [(n, b) for n in STEPPED for b in (5, 18)])
+def test_per_step_launches(name: str, batch: int) -> None:
+    # B = 5: the <name>_all kernels (one 32x16 block over all rows); B = 18: 32x4 blocks, 5 row blocks
+    with steps.forced("launches"):
+        _check(name, np.float32, batch=batch, steps=3, isize=20, units=37, proj=33)
+    assert steps.last_path() == "launches"
+
+
+def test_graph_mode_falls_back_to_the_launches_in_the_simulator() -> None:
+    # the simulator cannot capture a graph: the same per-step launches run one by one, same numbers
+    graph.clear()
+    with steps.forced("graph"):
+        _check("lstm", np.float32, batch=5, steps=3, isize=4, units=7, proj=6)
+    assert steps.last_path() == "launches" and not graph.CACHE
 
 
 @pytest.mark.parametrize(("name", "batch", "steps"), [("lstm", 5, 3), ("gru", 5, 3), ("qrnn", 9, 8)])
@@ -254,6 +303,24 @@ def test_gpu_check_quick_in_the_simulator(tmp_path: Path) -> None:
     assert [c["section"] for c in data["checks"] if c["status"] == "skipped"] == ["cuDNN"]  # no torch GPU here
     (row,) = data["timings"]
     assert row["spec"] == "qrnn_f" and row["forward_ms"] is None and row["host_launch_ms"] > 0
+    assert row["path"] is None and {m: p["ran"] for m, p in row["paths"].items()} == dict.fromkeys(
+        ("persistent", "graph", "launches"))  # a scan: no step loop
+
+
+def test_gpu_check_runs_every_step_loop(tmp_path: Path) -> None:
+    """On a stepped cell the check runs each forced step loop against the cpu backend and times it; in the
+    simulator the graph falls back to the launches, and says so."""
+    from cellgen.tools import gpu_check_cases, gpu_check_time
+
+    checks = gpu_check_cases.forward_checks(_module("basic_rnn"), "float64", "tiny", (3, 3, 2, 5))
+    loops = {c.case: (c.status, c.note) for c in checks if c.case.startswith("step loop")}
+    assert loops == {"step loop persistent": ("ok", ""), "step loop graph": ("ok", "ran launches"),
+                     "step loop launches": ("ok", "")}
+    row = gpu_check_time.time_one(_module("basic_rnn"), "tiny", (2, 3, 4, 4), repeat=1, warmup=0, torch=False)
+    assert row["path"] == "persistent"
+    assert {m: p["ran"] for m, p in row["paths"].items()} == {"persistent": "persistent", "graph": "launches",
+                                                              "launches": "launches"}
+    assert all(p["max_diff"] <= 1e-6 for p in row["paths"].values())  # float32, 3 steps, the same sums
 
 
 def test_gpu_check_reports_a_mismatch(monkeypatch, tmp_path: Path) -> None:
@@ -268,7 +335,8 @@ def test_gpu_check_reports_a_mismatch(monkeypatch, tmp_path: Path) -> None:
     checks = gpu_check_cases.forward_checks(_module("qrnn_f"), "float64", "tiny", (2, 2, 3, 4))
     assert {c.case: c.status for c in checks} == {
         "ragged lengths, random state": "MISMATCH", "second call (bit for bit)": "ok", "device arrays": "MISMATCH",
-        "device arrays, second call (bit for bit)": "ok", "bidirectional": "MISMATCH"}
+        "device arrays, second call (bit for bit)": "ok", "bidirectional": "MISMATCH",
+        "step loop persistent": "MISMATCH", "step loop graph": "MISMATCH", "step loop launches": "MISMATCH"}
     monkeypatch.setattr(gpu_check, "run_checks", lambda *args, **kwargs: checks)
     monkeypatch.setattr(gpu_check_time, "timings", lambda *args: [])
     monkeypatch.setattr(gpu_check_torch, "torch_checks", lambda *args: [])
@@ -305,14 +373,18 @@ def test_unfused_fallback_kernels(tmp_path: Path, dtype) -> None:
     mod = importlib.util.module_from_spec(loader)
     loader.loader.exec_module(mod)
     forward = {k for k in mod._CUDA_SOURCES[np.dtype(dtype)] if not k.startswith(("train_", "backward"))}
-    assert forward == {"epilogue0", "stage0", "epilogue1"}
+    # no persistent kernel (elementwise kernels have no GEMM to keep on chip): the per-step kernels, and for
+    # B <= 16 their all-rows variants
+    assert forward == {"epilogue0", "stage0", "epilogue1", "epilogue0_all", "stage0_all", "epilogue1_all"}
     assert mod._CUDA_RUNTIME == ("hoisted", "hoisted_tn")
     rng = np.random.default_rng(4)
     params = mod.init_params(3, 7, num_proj=5, dtype=dtype, seed=0)
     inputs = rng.standard_normal((5, 4, 3)).astype(dtype)
     state = mod.State(rng.standard_normal((5, 7)).astype(dtype), rng.standard_normal((5, 5)).astype(dtype))
     lengths = [4, 0, 2, 3, 1]
+    steps.forget()
     got = mod.dynamic_rnn(params, inputs, sequence_length=lengths, initial_state=state, backend="cuda")
+    assert steps.last_path() == "launches"  # auto: the graph, which the simulator cannot capture
     want = mod.dynamic_rnn(params, inputs, sequence_length=lengths, initial_state=state, backend="reference")
     _close(got[0], want[0], dtype)
     for a, b in zip(got[1], want[1], strict=True):
@@ -325,6 +397,7 @@ def test_bench_cuda_runs_as_written() -> None:
 
     rows = bench_cuda([_module("lstm"), _module("qrnn")], [("tiny", (2, 2, 3, 4))], repeat=1, warmup=0)
     assert [(r["cell"], r["impl"]) for r in rows] == [("lstm", "cellgen cuda"), ("qrnn", "cellgen cuda")]
+    assert [r["step_loop"] for r in rows] == ["persistent", "scan"]  # the simulator's automatic choice
     assert all(r["device"] == "simulator" and {"best_ms", "median_ms"} <= set(r) for r in rows)
 
 

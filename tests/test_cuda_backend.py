@@ -139,17 +139,35 @@ def test_lstm_layout() -> None:
     assert "_wv = cuda.local.array(32, np.float32)" in text  # a thread's weight elements of a tile: per_thread
     assert "_acc3 += _a * _sw[_q, _col3]" in text  # acc_columns, rotated by the swizzle
     assert "_col3 = np.uint32(np.uint32(96) + (_ux + np.uint32(24)) % np.uint32(32))" in text
-    assert text.count("(_u + _g * np.uint32(8))") == 4 and text.count("(_u + _g * np.uint32(4))") == 4  # f32, f64
+    # stage0 and stage0_all, in float32 and float64
+    assert text.count("(_u + _g * np.uint32(8))") == 8 and text.count("(_u + _g * np.uint32(4))") == 8
     assert "_wv[_r * 4 + 3] = w_rec0[_k, _gc3] if _in and _ok3 else np.float32(0.0)" in text
     assert "def _cuda_stage1_float64(" + ", ".join(_args(stage1)) + "):" in text
-    assert "k.stage1[grid_stage1, block_stage1](" + ", ".join(_args(stage1)) + ")" in text
+    assert "launches.append((kern_stage1, grid_stage1, block_stage1, (" + ", ".join(_args(stage1)) + ", )))" in text
+    assert "kern_stage1 = k.stage1\n" in text and "kern_stage1 = k.stage1_all\n" in text
     assert "grid_stage1 = (_rtc.blocks(n_num_proj, 32), _rtc.blocks(B, 4))" in text
-    assert "    for t in range(T):" in text and "s_h, sn_h = sn_h, s_h" not in text
+    assert "grid_stage1 = (_rtc.blocks(n_num_proj, 32), 1)" in text and "block_stage1 = (32, 16)" in text
+    assert "for t in range(T):" in text and "s_h, sn_h = sn_h, s_h" not in text
+
+    # B <= 16: the same kernels with one block over all rows (2 tile rows a thread)
+    assert [k.name for k in layout.all_rows] == ["stage0_all", "stage1_all"] and layout.all_rows_max == 16
+    assert all(k.block == (32, 16) and k.gemm.block == (32, 16) for k in layout.all_rows)
+    assert layout.all_rows[0].gemm.rows_per_thread == 2 and layout.all_rows[0].args == stage0.args
+    assert "_sa = cuda.shared.array((16, 32), np.float32)" in text
+    # the persistent kernel: both stages, a grid barrier after each, the weight slices in dynamic shared memory
+    p = layout.persistent
+    assert p is not None and p.block == (32, 4) and [k.name for k in p.stages] == ["stage0", "stage1"]
+    assert "t" not in p.arg_names and "out" in p.arg_names and set(p.arg_names) >= set(_args(stage0)) - {"t"}
+    persistent = text[text.index("def _cuda_persistent_float32("):text.index("def _cuda_persistent_float64(")]
+    assert persistent.count("_grid.sync()") == 2 and "_sw = cuda.shared.array(0, _nb_float32)" in persistent
+    assert "for t in range(out.shape[0]):" in persistent
+    assert "_acc3 += _a * _sw[_wq + np.uint32(_q * 128 + 96)]" in persistent  # gate-major, unrotated
 
     # change a decision in the layout: the template follows, it decides nothing itself
     wide = dataclasses.replace(stage1, block=(64, 2), gemm=dataclasses.replace(g1, block=(64, 2), tile_k=64),
                                masked=False)
-    text = _render(dataclasses.replace(layout, kernels=(stage0, wide)))
+    text = _render(dataclasses.replace(layout, kernels=(stage0, wide), all_rows=(), persistent=None))
+    assert "_CUDA_ALL_ROWS" not in text and "k.persistent" not in text
     assert "block_stage1 = (64, 2)" in text and "grid_stage1 = (_rtc.blocks(n_num_proj, 64), _rtc.blocks(B, 2))" in text
     assert "_sw = cuda.shared.array((64, 64), np.float32)" in text and "for _q in range(64):" in text
     assert "    j = cuda.blockIdx.x * 64 + _tx\n    b = cuda.blockIdx.y * 2 + _ty" in text
@@ -316,11 +334,18 @@ except CudaUnavailable as err:
 
 # -- real compilation ---------------------------------------------------------------------------
 @pytest.mark.skipif(SIMULATED, reason="compile_ptx needs the real numba.cuda, not the simulator")
-def test_every_spec_compiles_to_sass_for_sm80_and_sm90_without_spills() -> None:
-    reports = inspect_specs(SPECS, ["sm_80", "sm_90"], ["float32", "float64"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])  # one test per arch: workers share them out
+def test_every_spec_compiles_to_sass_for_sm80_and_sm90_without_spills(arch: str) -> None:
+    reports = inspect_specs(SPECS, [arch], ["float32", "float64"])
     kernels = {(r.cell, r.kernel) for r in reports}
     assert {("runtime", "hoisted"), ("lstm", "stage0"), ("lstm", "stage1"), ("gru", "stage1"),
             ("qrnn", "scan"), ("gru_cudnn", "stage0")} <= kernels
+    # the all-rows variants and the persistent kernel of every cell with a recurrent GEMM, plain and training
+    stepped = {c for c, k in kernels if k == "stage0"}
+    assert stepped == {"basic_lstm", "basic_rnn", "gru", "gru_cudnn", "lstm"}
+    for cell in stepped:
+        assert {(cell, "stage0_all"), (cell, "persistent"), (cell, "train_persistent")} <= kernels
+    assert ("lstm", "stage1_all") in kernels and ("gru", "train_stage1_all") in kernels
     assert not any(k == "hoisted" for c, k in kernels if c != "runtime")  # compiled once, not per cell
     assert not any(k.startswith("epilogue") for _, k in kernels)  # every shipped epilogue is fused
     backward = {(c, k) for c, k in kernels if k.startswith(("backward_stage", "backward_scan"))}  # the fused backward
@@ -328,9 +353,11 @@ def test_every_spec_compiles_to_sass_for_sm80_and_sm90_without_spills() -> None:
                         ("gru", "backward_stage1"), ("gru_cudnn", "backward_stage0"), ("lstm", "backward_stage0"),
                         ("lstm", "backward_stage1"), ("qrnn", "backward_scan"), ("qrnn_f", "backward_scan"),
                         ("qrnn_ifo", "backward_scan")}
-    assert len(reports) == len(kernels) * 4
+    assert len(reports) == len(kernels) * 2 and {r.arch for r in reports} == {arch}
     for r in reports:
-        assert r.spills == 0 and r.stack == 0, r
+        assert r.spills == 0, r
+        # the persistent kernel's only stack is the frame of the grid barrier's call (cudadevrt's cudaCGSynchronize)
+        assert r.stack == (16 if r.kernel.endswith("persistent") else 0), r
         assert 0 < r.registers <= 255 and r.occupancy > 0, r
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from cellgen.tools.bench_torch import TORCH_CELLS, _gru_weights, _lstm_weights
 from cellgen.backends.cuda import runtime as rtc
+from cellgen.backends.cuda import steps as cuda_steps
 
 #: The issue's GPU shapes: (B, T, I, H).
 GPU_SHAPES = {"G1": (64, 100, 256, 256), "G2": (16, 1024, 768, 768)}
@@ -114,9 +115,11 @@ def bench_cuda(modules: Sequence[ModuleType], shapes: Sequence[tuple[str, tuple[
             params, call, forward = _cellgen_case(module, batch, steps, isize, units, seed=0)
             base = {"cell": module.NAME, "shape": label, "B": batch, "T": steps, "I": isize, "H": units,
                     "device": device}
+            cuda_steps.forget()
             first = forward()[0].copy_to_host()  # compared with torch: a call on the fresh inputs and states
+            loop = cuda_steps.last_path() or "scan"  # persistent, graph or launches (cellgen.backends.cuda.steps)
             times = _event_times(forward, repeat, warmup, cuda.event, lambda a, b: a.elapsed_time(b))
-            rows.append({**base, "impl": "cellgen cuda", **times})
+            rows.append({**base, "impl": "cellgen cuda", "step_loop": loop, **times})
             if torch:
                 row = _torch_row(module, params, call, first, repeat, warmup)
                 if row is not None:
@@ -129,7 +132,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| cell | shape (B,T,I,H) | impl | best ms | median ms | max abs diff |", "|---|---|---|---:|---:|---:|"]
     for r in rows:
         diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else ""
-        lines.append(f"| {r['cell']} | {r['shape']} ({r['B']},{r['T']},{r['I']},{r['H']}) | {r['impl']} | "
+        impl = r["impl"] + (f" ({r['step_loop']})" if "step_loop" in r else "")
+        lines.append(f"| {r['cell']} | {r['shape']} ({r['B']},{r['T']},{r['I']},{r['H']}) | {impl} | "
                      f"{r['best_ms']:.3f} | {r['median_ms']:.3f} | {diff} |")
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ linear loss: outputs and every gradient). float16 / bfloat16 rows say "not built
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -15,9 +16,11 @@ from types import ModuleType
 import numpy as np
 
 from cellgen.backends.cuda import runtime as rtc
+from cellgen.backends.cuda import steps
 
-#: Correctness shapes (B, T, I, H): the issue's, and sizes that are multiples of nothing.
-SHAPES = {"B16 T64 H768": (16, 64, 768, 768), "B5 H37": (5, 9, 37, 37)}
+#: Correctness shapes (B, T, I, H): the issue's, sizes that are multiples of nothing, and B > 16 (4-row blocks
+#: per step; the persistent kernel on 8 blocks with 3 row groups, an odd T).
+SHAPES = {"B16 T64 H768": (16, 64, 768, 768), "B5 H37": (5, 9, 37, 37), "B20 T17 H256": (20, 17, 256, 256)}
 #: ``--quick``: one tiny shape of odd sizes (the simulator runs a Python thread per CUDA thread).
 QUICK_SHAPES = {"B3 T3 H5": (3, 3, 5, 5)}
 DTYPES = ("float32", "float64")
@@ -118,6 +121,13 @@ def forward_checks(module: ModuleType, dtype: str, label: str, shape: tuple[int,
     diff = _same(first, second)
     checks.append(Check("forward", module.NAME, dtype, label, "second call (bit for bit)", diff, 0.0,
                         status(diff, 0.0)))
+    for mode in ("persistent", "graph", "launches"):  # each step loop forced (a path that cannot run falls back)
+        with steps.forced(mode):
+            steps.forget()
+            got = module.dynamic_rnn(case.params, case.inputs, initial_state=case.state, backend="cuda", **args)
+            ran = steps.last_path()
+        for c in _compare("forward", case, dtype, label, f"step loop {mode}", got, cpu, tol):
+            checks.append(dataclasses.replace(c, note="" if ran in (mode, None) else f"ran {ran}"))
     dev_params = {k: cuda.to_device(v) for k, v in case.params.items()}
     dev_args = {"sequence_length": cuda.to_device(case.lengths.astype(np.int64)), **case.hyper}
     dev_state = tuple(cuda.to_device(s) for s in case.state)

@@ -11,7 +11,10 @@ synchronised CUDA events:
   the cached weights, buffers from the pool);
 * ``host_launch_ms``: the host's wall time to issue the forward's launches (no synchronisation):
   ``launch-bound`` when it is at least 80% of the forward's GPU time, else ``GPU-bound``;
-* ``cudnn_ms``: torch's ``nn.LSTM`` / ``GRU`` of the same size on cuDNN where torch sees a GPU.
+* ``cudnn_ms``: torch's ``nn.LSTM`` / ``GRU`` of the same size on cuDNN where torch sees a GPU;
+* ``paths``: the forward with each step loop forced (:mod:`cellgen.backends.cuda.steps`: ``persistent``,
+  ``graph``, ``launches``): its median time, the path that actually ran (a persistent kernel that does not
+  fit runs the graph) and the largest difference of its output from the automatic choice's.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 
 from cellgen.backends.cuda import gemm as cuda_gemm
 from cellgen.backends.cuda import runtime as rtc
+from cellgen.backends.cuda import steps
 from cellgen.tools.bench_cuda import GPU_SHAPES, _event_times, _torch_row
 
 #: The specs timed (where loaded): the issue's LSTMs and the cuDNN GRU.
@@ -77,6 +81,15 @@ def time_one(module: ModuleType, label: str, shape: tuple[int, int, int, int], r
         row["bound"] = "n/a (simulator: no GPU time)"
     else:
         row["bound"] = "launch-bound" if row["host_launch_ms"] >= 0.8 * row["forward_ms"] else "GPU-bound"
+    row["path"] = steps.last_path()
+    reference = forward()[0].copy_to_host()
+    row["paths"] = {}
+    for mode in ("persistent", "graph", "launches"):
+        with steps.forced(mode):
+            got = forward()[0].copy_to_host()
+            ran = steps.last_path()
+            row["paths"][mode] = {"ran": ran, "ms": median(forward),
+                                  "max_diff": float(np.max(np.abs(got - reference))) if got.size else 0.0}
     if torch:
         first = forward()[0].copy_to_host()
         cudnn = _torch_row(module, params, call, first, repeat, warmup)
@@ -93,12 +106,25 @@ def timings(modules: Sequence[ModuleType], quick: bool, repeat: int, warmup: int
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
     head = ["| spec | shape | input GEMM ms | step loop ms | forward ms | call ms | host launch ms | bound "
-            "| cuDNN ms |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+            "| cuDNN ms | auto path | persistent ms | graph ms | launches ms |",
+            "|---|---|---:|---:|---:|---:|---:|---|---:|---|---:|---:|---:|"]
     lines = head
     for r in rows:
         ms = [_ms(r.get(k)) for k in ("input_gemm_ms", "step_loop_ms", "forward_ms", "call_ms", "host_launch_ms")]
-        lines.append(f"| {r['spec']} | {r['shape']} | {' | '.join(ms)} | {r['bound']} | {_ms(r.get('cudnn_ms'), '')} |")
+        paths = [_path(r.get("paths", {}).get(mode), mode) for mode in ("persistent", "graph", "launches")]
+        lines.append(f"| {r['spec']} | {r['shape']} | {' | '.join(ms)} | {r['bound']} | {_ms(r.get('cudnn_ms'), '')} "
+                     f"| {r.get('path') or 'scan'} | {' | '.join(paths)} |")
     return "\n".join(lines)
+
+
+def _path(found: dict[str, Any] | None, mode: str) -> str:
+    """A forced path's time, and which path ran where it was not the one forced."""
+    if found is None:
+        return ""
+    ran = found["ran"]
+    if ran is None:
+        return "scan"
+    return _ms(found["ms"]) + ("" if ran == mode else f" (ran {ran})")
 
 
 def _ms(value: float | None, missing: str = "n/a") -> str:

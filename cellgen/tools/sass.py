@@ -14,13 +14,15 @@ reported under the cell name ``runtime``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import re
 import sys
 import tempfile
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 from cellgen.tools.sass_mix import Mix, disassemble, instruction_mix
 
@@ -78,18 +80,36 @@ def link_info(ptx: str, arch: str, name: str) -> dict[str, int]:
     from the PTX's ``.shared`` declarations (the log's figure includes the reservation on some archs)."""
     from cuda.bindings import nvjitlink
 
+    cooperative = "cudaCGSynchronize" in ptx  # a grid barrier: its device runtime is linked as numba links it
     handle = nvjitlink.create(2, [f"-arch={arch}", "-verbose"])
     try:
         data = ptx.encode()
         nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), name)
+        if cooperative:
+            from numba.cuda.cudadrv.libs import get_cudalib
+
+            nvjitlink.add_file(handle, nvjitlink.InputType.LIBRARY, get_cudalib("cudadevrt", static=True))
         nvjitlink.complete(handle)
         log = bytearray(nvjitlink.get_info_log_size(handle))
         nvjitlink.get_info_log(handle, log)
     finally:
         nvjitlink.destroy(handle)
-    info = parse_log(log.decode(errors="replace"))
+    text = log.decode(errors="replace")
+    info = parse_log(text)
+    if cooperative:  # the linked entry's figures: its stack includes the frame of the grid barrier's call
+        info.update(parse_linked(text, ptx))
     info["smem"] = sum(int(n) for n in re.findall(r"\.shared\s+\.align\s+\d+\s+\.b8\s+\S+\[(\d+)\]", ptx))
     return info
+
+
+def parse_linked(log: str, ptx: str) -> dict[str, int]:
+    """Registers and stack of the PTX's entry function after linking (nvJitLink's ``Function properties`` line
+    for it; the device runtime's own functions have lines of their own)."""
+    entry = re.search(r"\.entry\s+(\S+)\s*\(", ptx)
+    found = entry and re.search(re.escape(entry.group(1)) + r"':\s*\n?.*?used (\d+) registers.*?(\d+) stack", log)
+    if not found:
+        raise ValueError(f"nvJitLink log has no linked figures for the entry:\n{log}")
+    return {"registers": max(int(found.group(1)), 0), "stack": int(found.group(2))}
 
 
 def parse_log(log: str) -> dict[str, int]:
@@ -131,12 +151,27 @@ def load_generated(spec_path: str | Path, workdir: Path) -> ModuleType:
     return module
 
 
+@contextlib.contextmanager
+def _compiling_for(cc: tuple[int, int]) -> Iterator[None]:
+    """Without a GPU: numba compiles a device-function overload (``cuda.cg.this_grid().sync()``) for the current
+    device's compute capability; let it see the one compiled for (``compile_ptx``'s own ``cc``)."""
+    from numba.cuda import dispatcher
+
+    before = dispatcher.get_current_device
+    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
+    try:
+        yield
+    finally:
+        dispatcher.get_current_device = before
+
+
 def _report(cell: str, kernel: str, fn, kinds, block, dtype: str, arch: str, mix: bool = False) -> KernelReport:
     """Compile one plain kernel function for ``dtype`` and ``arch`` and read its SASS figures."""
     import numpy as np
     from numba import cuda
 
-    ptx, _ = cuda.compile_ptx(fn, signature(kinds, dtype), cc=ARCHS[arch]["cc"])
+    with _compiling_for(ARCHS[arch]["cc"]):
+        ptx, _ = cuda.compile_ptx(fn, signature(kinds, dtype), cc=ARCHS[arch]["cc"])
     info = link_info(ptx, arch, kernel)
     threads = int(np.prod(block))
     return KernelReport(cell, kernel, dtype, arch, tuple(block), info["registers"], info["spill_stores"],

@@ -83,7 +83,16 @@ def describe(plan: FusedPlan, batch: int = 64, sizes: dict[str, int] | None = No
     in_place = [n for n in plan.recurrent_states if n not in plan.double_buffered]
     lines.append(f"states updated in place: {', '.join(in_place) or 'none'}"
                  f"; double-buffered: {', '.join(plan.double_buffered) or 'none'}")
+    lines.extend(gpu_steps(plan, batch, numeric))
     return "\n".join(lines)
+
+
+def gpu_steps(plan: FusedPlan, batch: int, sizes: dict[sympy.Symbol, int]) -> list[str]:
+    """The CUDA backend's step loop at these sizes (:func:`cellgen.backends.cuda.steps.describe`)."""
+    from cellgen.backends.cuda.layout import cuda_layout
+    from cellgen.backends.cuda.steps import describe as describe_steps
+
+    return describe_steps(cuda_layout(plan), batch, sizes)
 
 
 def saved_bytes(tp: TrainingPlan, batch: int, sizes: dict[sympy.Symbol, int], itemsize: int) -> dict[str, int]:

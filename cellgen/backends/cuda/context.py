@@ -17,6 +17,7 @@ from cellgen.backends.cuda.layout import (
     BATCH,
     CudaKernel,
     CudaLayout,
+    PersistentKernel,
     cuda_layout,
     gate_of,
 )
@@ -148,6 +149,21 @@ def _launch(kernel: CudaKernel, prefix: str = "") -> dict[str, Any]:
     }
 
 
+def _persistent(plan: FusedPlan, kernel: PersistentKernel, dtype: str, prefix: str = "") -> dict[str, Any]:
+    """The persistent kernel's source pieces for ``dtype``: its stages printed as the stage kernels are."""
+    return {"name": prefix + kernel.name, "args": list(kernel.arg_names), "block": list(kernel.block),
+            "stages": [_printed(plan, k, dtype, prefix) for k in kernel.stages],
+            "double_buffered": [{"old": state_array(n), "new": new_state_array(n)} for n in kernel.double_buffered]}
+
+
+def _persistent_launch(kernel: PersistentKernel, prefix: str = "") -> dict[str, Any]:
+    """How the host launches the persistent kernel, and per stage what its shared-memory slice needs."""
+    return {"name": prefix + kernel.name, "args": list(kernel.arg_names),
+            "kinds": [[a.name, a.kind] for a in kernel.args], "block": list(kernel.block),
+            "stages": [{"rows": print_index(k.gemm.rows), "units": print_index(k.gemm.units),
+                        "columns": k.gemm.columns} for k in kernel.stages]}
+
+
 def layout_context(layout: CudaLayout, ns: str = "") -> dict[str, Any]:
     """Everything ``templates/cuda/forward.py.j2`` needs from a layout, as plain values; ``ns``
     ("" or "_train") ends the host function's name and starts every kernel's (``train_stage0``)."""
@@ -155,13 +171,22 @@ def layout_context(layout: CudaLayout, ns: str = "") -> dict[str, Any]:
     spec = plan.spec
     state_names = [s.name for s in spec.states]
     prefix = f"{ns.strip('_')}_" if ns else ""
+    launches = [_launch(k, prefix) for k in layout.kernels]
+    all_rows = [_launch(k, prefix) for k in layout.all_rows]
+    persistent = layout.persistent and _persistent_launch(layout.persistent, prefix)
     return {
         "ns": ns,
         "saved": [{"name": saved_array(n), "width": print_index(w)} for n, w in plan.time_loop.saved],
         "block": list(layout.block),
         "dtypes": [{"dtype": dtype, "np_dtype": DTYPES[dtype], "zero": NumbaPrinter(dtype).doprint(sympy.Integer(0)),
-                    "kernels": [_printed(plan, k, dtype, prefix) for k in layout.kernels]} for dtype in DTYPES],
-        "launches": [_launch(k, prefix) for k in layout.kernels],
+                    "kernels": [_printed(plan, k, dtype, prefix) for k in (*layout.kernels, *layout.all_rows)],
+                    "persistent": layout.persistent and _persistent(plan, layout.persistent, dtype, prefix)}
+                   for dtype in DTYPES],
+        "launches": launches,
+        "all_rows": all_rows,
+        "all_rows_max": layout.all_rows_max,
+        "persistent": persistent,
+        "compiled": launches + all_rows + ([persistent] if persistent else []),  # every kernel, for _CUDA_ARGS
         "scan": layout.scan,
         "gates": list(layout.gates),
         "weights": [{"array": w, "index": s} for s, w in enumerate(layout.weights)],

@@ -49,6 +49,12 @@ from cellgen.ir.plan import (
 
 #: Threads of a step/scan/elementwise block: one warp along units, BLOCK_ROWS batch rows.
 BLOCK_UNITS, BLOCK_ROWS = 32, 4
+#: Batch sizes up to ALL_ROWS run the per-step kernels as ``<name>_all``: blocks of BLOCK_UNITS x ALL_ROWS
+#: threads, one block covering every batch row of its units, so that a step reads each weight column
+#: from L2 once instead of ceil(B / BLOCK_ROWS) times (docs/gpu.md, "One block over all rows").
+ALL_ROWS = 16
+#: The persistent kernel's block: a warp along units, PERSISTENT_ROWS batch rows at a time (its rows loop).
+PERSISTENT_ROWS = 4
 #: Reduction tile of a stage kernel; equal to BLOCK_UNITS so each thread loads one operand element.
 TILE_K = BLOCK_UNITS
 #: Threads of a warp, and shared-memory banks (4-byte words).
@@ -244,6 +250,38 @@ class CudaKernel:
 
 
 @dataclass(frozen=True)
+class PersistentKernel:
+    """The whole time loop in one cooperative launch (docs/gpu.md, "The persistent kernel").
+
+    The grid splits each stage's (chunk of ``block[0]`` units, group of ``block[1]`` rows) pairs
+    over its blocks (:func:`cellgen.backends.cuda.steps.grid_split`); a block keeps its chunks' weight
+    columns (all K rows, zero-padded to a multiple of the K tile) in dynamic shared memory for all T
+    steps; per step it runs each of ``stages`` (the per-step stage kernels, same printed epilogues)
+    over its pairs, with a grid-wide barrier after each stage (where the per-step launches had a
+    kernel boundary), and swaps ``double_buffered`` after each step as the host does between
+    launches. Only where every per-step kernel is a fused
+    stage kernel (no elementwise epilogue kernel); :mod:`cellgen.backends.cuda.steps` decides at
+    run time whether the slices fit on chip.
+    """
+
+    name: str
+    args: tuple[KernelArg, ...]
+    block: tuple[int, int]
+    stages: tuple[CudaKernel, ...]
+    double_buffered: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.stages or any(not k.stage or not k.per_step for k in self.stages):
+            raise ValueError(f"{self.name}: runs per-step stage kernels only")
+        if self.block[0] != BLOCK_UNITS or any(k.gemm.tile_k != self.block[0] for k in self.stages):
+            raise ValueError(f"{self.name}: a warp of {BLOCK_UNITS} units loads one K tile row")
+
+    @property
+    def arg_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.args)
+
+
+@dataclass(frozen=True)
 class Buffer:
     """A per-call device buffer ``[B, width]``: a GEMM result a later epilogue reads, or a stage operand."""
 
@@ -267,6 +305,9 @@ class CudaLayout:
     stages: tuple[StageLayout, ...]
     double_buffered: tuple[str, ...]
     kernels: tuple[CudaKernel, ...]
+    all_rows: tuple[CudaKernel, ...]  # per per-step kernel, its variant over all rows (B <= all_rows_max)
+    all_rows_max: int
+    persistent: PersistentKernel | None
     scan: bool
     hoisted: bool
     delayed: bool
@@ -502,6 +543,24 @@ class _Builder:
                 kernels.append(self.elementwise(index, scan=False))
         return tuple(kernels)
 
+    def all_rows(self, kernels: tuple[CudaKernel, ...]) -> tuple[CudaKernel, ...]:
+        """Each per-step kernel with a block of ALL_ROWS batch rows (the same code, one row block for B <= ALL_ROWS)."""
+        block = (BLOCK_UNITS, ALL_ROWS)
+        return tuple(dataclasses.replace(k, name=f"{k.name}_all", block=block,
+                                         gemm=k.gemm and dataclasses.replace(k.gemm, block=block))
+                     for k in kernels if k.per_step)
+
+    def persistent(self, kernels: tuple[CudaKernel, ...]) -> PersistentKernel | None:
+        """The time loop as one kernel, where every per-step kernel is a fused stage kernel (else None)."""
+        if self.plan.scan_only or any(not k.stage for k in kernels):
+            return None
+        block = (BLOCK_UNITS, PERSISTENT_ROWS)
+        stages = tuple(dataclasses.replace(k, block=block, gemm=dataclasses.replace(k.gemm, block=block))
+                       for k in kernels)
+        names = ({a for k in stages for a in k.arg_names} - {"t"}) | {"out"}  # the time loop runs to out.shape[0]
+        names |= {new_state_array(n) for n in self.double_buffered} | {state_array(n) for n in self.double_buffered}
+        return PersistentKernel("persistent", self.args(names), block, stages, self.double_buffered)
+
     def buffers(self) -> tuple[Buffer, ...]:
         buffers = []
         for gemm, layout in zip(self.plan.gemms, self.stages, strict=True):
@@ -516,9 +575,11 @@ def cuda_layout(plan: FusedPlan) -> CudaLayout:
     """The launch layout of ``plan``'s kernels: every GPU decision, made here."""
     b = _Builder(plan)
     gpu = b.plan
+    kernels = b.kernels()
     return CudaLayout(
         plan=gpu, block=(BLOCK_UNITS, BLOCK_ROWS), tile_k=TILE_K, stages=b.stages,
-        double_buffered=b.double_buffered, kernels=b.kernels(), scan=gpu.scan_only,
+        double_buffered=b.double_buffered, kernels=kernels, all_rows=b.all_rows(kernels), all_rows_max=ALL_ROWS,
+        persistent=b.persistent(kernels), scan=gpu.scan_only,
         hoisted=plan.hoisted is not None, delayed=bool(plan.hoisted is not None and plan.hoisted.delayed),
         buffers=b.buffers(), recurrent_states=gpu.recurrent_states,
         delay_state=plan.delay_states[0] if plan.delay_states else None,
