@@ -107,7 +107,7 @@ def test_persistent_grid_splits_chunks_and_rows(name: str, units: int, capacity:
 def test_per_step_launches(name: str, batch: int) -> None:
     # B = 5: the <name>_all kernels (one 32x16 block over all rows); B = 18: 32x4 blocks, 5 row blocks
     with steps.forced("launches"):
-        _check(name, np.float32, batch=batch, steps=3, isize=20, units=37, proj=33)
+        _check(name, np.float32, batch=batch, steps=2, isize=20, units=37, proj=33)
     assert steps.last_path() == "launches"
 
 
@@ -452,14 +452,14 @@ def test_empty_batch_or_time(name: str, batch: int, steps: int) -> None:
 
 def test_random_specs_on_the_simulator(tmp_path_factory) -> None:
     """A sample of the differential fuzzer's random specs (test_fuzz.py) on backend="cuda":
-    against the evaluator of their equations, float64 (CELLGEN_FUZZ_CUDA_EXAMPLES, default 6)."""
+    against the evaluator of their equations, float64 (CELLGEN_FUZZ_CUDA_EXAMPLES, default 4)."""
     import os
 
     from fuzz_specs import check_spec, degenerate, specs
     from hypothesis import HealthCheck, Phase, assume, given, seed, settings
 
     @seed(int(os.environ.get("CELLGEN_FUZZ_SEED", "0")) + 1)
-    @settings(max_examples=int(os.environ.get("CELLGEN_FUZZ_CUDA_EXAMPLES", "6")), deadline=None, database=None,
+    @settings(max_examples=int(os.environ.get("CELLGEN_FUZZ_CUDA_EXAMPLES", "4")), deadline=None, database=None,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
     @given(fz=specs())
     def run(fz) -> None:
@@ -615,14 +615,14 @@ def _random_backward_equals_reference(fz, folder: Path, tol: float = 1e-10) -> s
 
 def test_random_specs_backward_on_the_simulator(tmp_path_factory) -> None:
     """The training fuzzer's random specs (fused where backward_layout allows, the fallback elsewhere) on
-    backend="cuda": gradients == the reference backend's, float64 (CELLGEN_FUZZ_CUDA_EXAMPLES, default 6)."""
+    backend="cuda": gradients == the reference backend's, float64 (CELLGEN_FUZZ_CUDA_EXAMPLES, default 4)."""
     import os
 
     from fuzz_specs import degenerate, specs
     from hypothesis import HealthCheck, Phase, assume, given, seed, settings
 
     @seed(int(os.environ.get("CELLGEN_FUZZ_SEED", "0")) + 2)
-    @settings(max_examples=int(os.environ.get("CELLGEN_FUZZ_CUDA_EXAMPLES", "6")), deadline=None, database=None,
+    @settings(max_examples=int(os.environ.get("CELLGEN_FUZZ_CUDA_EXAMPLES", "4")), deadline=None, database=None,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
     @given(fz=specs())
     def run(fz) -> None:

@@ -334,9 +334,10 @@ except CudaUnavailable as err:
 
 # -- real compilation ---------------------------------------------------------------------------
 @pytest.mark.skipif(SIMULATED, reason="compile_ptx needs the real numba.cuda, not the simulator")
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])  # one test per arch: workers share them out
-def test_every_spec_compiles_to_sass_for_sm80_and_sm90_without_spills(arch: str) -> None:
-    reports = inspect_specs(SPECS, [arch], ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])  # one test per (arch, dtype): workers share them out
+def test_every_spec_compiles_to_sass_for_sm80_and_sm90_without_spills(arch: str, dtype: str) -> None:
+    reports = inspect_specs(SPECS, [arch], [dtype])
     kernels = {(r.cell, r.kernel) for r in reports}
     assert {("runtime", "hoisted"), ("lstm", "stage0"), ("lstm", "stage1"), ("gru", "stage1"),
             ("qrnn", "scan"), ("gru_cudnn", "stage0")} <= kernels
@@ -353,7 +354,7 @@ def test_every_spec_compiles_to_sass_for_sm80_and_sm90_without_spills(arch: str)
                         ("gru", "backward_stage1"), ("gru_cudnn", "backward_stage0"), ("lstm", "backward_stage0"),
                         ("lstm", "backward_stage1"), ("qrnn", "backward_scan"), ("qrnn_f", "backward_scan"),
                         ("qrnn_ifo", "backward_scan")}
-    assert len(reports) == len(kernels) * 2 and {r.arch for r in reports} == {arch}
+    assert len(reports) == len(kernels) and {(r.arch, r.dtype) for r in reports} == {(arch, dtype)}
     for r in reports:
         assert r.spills == 0, r
         # the persistent kernel's only stack is the frame of the grid barrier's call (cudadevrt's cudaCGSynchronize)
