@@ -1,4 +1,9 @@
-"""Test-run plumbing: ``CELLGEN_TEST_SHARD=k/n`` keeps every n-th collected test from the k-th on.
+"""Test-run plumbing: the long tests first; ``CELLGEN_TEST_SHARD=k/n`` keeps every n-th test from the k-th on.
+
+Tests marked ``long`` (a minute or more on the 2-core machine: the fuzzers' shards, the simulator's and
+SASS shards, whole-process runs) are moved to the front of the run, in their order, so that the test
+workers (``-n auto --dist worksteal``) start them first and finish on short tests, not with one worker
+still in a long one while the other waits (longest-first scheduling).
 
 tests/test_cuda_backend.py::test_simulator_suite runs tests/cuda_sim_cases.py in fresh processes (the
 simulator is chosen when numba.cuda is first imported) as a few such shards, so that pytest-xdist
@@ -15,6 +20,7 @@ SHARD_VARIABLE = "CELLGEN_TEST_SHARD"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: long ones first
     shard = os.environ.get(SHARD_VARIABLE)
     if not shard:
         return

@@ -39,6 +39,6 @@ def fuzz_shards(name: str, examples: int, check: Callable[[Any, Any, pytest.Temp
             check(fz, data, tmp_path_factory)
 
         test.__name__ = test.__qualname__ = f"{name}_{index}"
-        return test
+        return pytest.mark.long(test)
 
     return {f"{name}_{k}": shard(k) for k in range(SHARDS)}

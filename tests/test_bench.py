@@ -67,6 +67,7 @@ def test_train_products_follow_the_plan() -> None:
     assert p.hoisted_rows == 32  # x_{-1} and the T inputs
 
 
+@pytest.mark.long
 def test_bench_train_reports_every_column_and_torch_agrees(tmp_path: Path) -> None:
     """`--train` on a tiny shape: every timed part is there and torch (nn.LSTM, nn.GRU, the eager
     lstm and qrnn loops) computes the same outputs and gradients as cellgen."""

@@ -9,6 +9,8 @@ by signature, so the checks run in a child process with its own NUMBA_CACHE_DIR.
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -67,6 +69,7 @@ cell.output(sigmoid(r) * tanh(cell.updated(c)) + (1 - sigmoid(r)) * x)
 """
 
 
+@pytest.mark.long
 def test_every_shipped_spec_runs_bounds_checked(tmp_path: Path) -> None:
     (tmp_path / "highway.py").write_text(HIGHWAY)
     specs = [str(p) for p in sorted((REPO / "specs").glob("*.py"))] + [str(tmp_path / "highway.py")]

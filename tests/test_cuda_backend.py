@@ -333,6 +333,7 @@ except CudaUnavailable as err:
 
 
 # -- real compilation ---------------------------------------------------------------------------
+@pytest.mark.long
 @pytest.mark.skipif(SIMULATED, reason="compile_ptx needs the real numba.cuda, not the simulator")
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])  # one test per (arch, dtype): workers share them out
@@ -367,6 +368,7 @@ def test_every_spec_compiles_to_sass_for_sm80_and_sm90_without_spills(arch: str,
 SIM_SHARDS = 4
 
 
+@pytest.mark.long
 @pytest.mark.skipif(SIMULATED, reason="this process is already the simulator")
 @pytest.mark.parametrize("shard", range(SIM_SHARDS))
 def test_simulator_suite(shard: int) -> None:

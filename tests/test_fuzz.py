@@ -41,6 +41,7 @@ def _check_one(fz, data, tmp_path_factory: pytest.TempPathFactory) -> None:
 globals().update(fuzz_shards("test_random_specs_match_the_evaluator", EXAMPLES, _check_one))
 
 
+@pytest.mark.long
 def test_the_strategy_covers_every_class() -> None:
     """The default strategy draws every bug class; an excluded class is never drawn."""
     seen: set[str] = set()

@@ -288,6 +288,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -
     return proc
 
 
+@pytest.mark.long
 def test_the_installed_wheel_in_an_empty_project(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "NUMBA_CACHE_DIR", "VIRTUAL_ENV")}

@@ -71,6 +71,7 @@ def _run(root: Path, name: str, env: dict[str, str]) -> dict[str, np.ndarray]:
         return dict(data)
 
 
+@pytest.mark.long
 def test_results_do_not_depend_on_thread_counts(package: Path) -> None:
     runs = {name: _run(package, name, env) for name, env in CONFIGS.items()}
     assert runs["numba1_blas2"]["threads"].tolist() == [1, 1]  # serial path

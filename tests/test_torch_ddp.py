@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import socket
 import subprocess
@@ -79,6 +81,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.long
 def test_one_ddp_sgd_step_equals_one_process_on_the_whole_batch(tmp_path: Path) -> None:
     mp.spawn(worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     model = make_model()
@@ -97,6 +100,7 @@ def test_one_ddp_sgd_step_equals_one_process_on_the_whole_batch(tmp_path: Path) 
             assert err <= 1e-10 * max(1.0, float(value.abs().max())), f"rank {rank} {key}: {err:.3g}"
 
 
+@pytest.mark.long
 def test_train_charlm_runs_under_torchrun_ddp(tmp_path: Path) -> None:
     report = tmp_path / "ddp.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
