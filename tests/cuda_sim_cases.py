@@ -450,25 +450,34 @@ def test_empty_batch_or_time(name: str, batch: int, steps: int) -> None:
         _close(got, want, np.float64)
 
 
-def test_random_specs_on_the_simulator(tmp_path_factory) -> None:
-    """A sample of the differential fuzzer's random specs (test_fuzz.py) on backend="cuda":
-    against the evaluator of their equations, float64 (CELLGEN_FUZZ_CUDA_EXAMPLES, default 4)."""
+def _on_random_specs(seed_offset: int, folder_name: str, check, tmp_path_factory) -> None:
+    """``check(fz, folder)`` on CELLGEN_FUZZ_CUDA_EXAMPLES (default 4) of the fuzzer's random specs, not
+    degenerate, drawn with seed CELLGEN_FUZZ_SEED + ``seed_offset``, each written to a folder of its own."""
     import os
 
-    from fuzz_specs import check_spec, degenerate, specs
+    from fuzz_specs import degenerate, specs
     from hypothesis import HealthCheck, Phase, assume, given, seed, settings
 
-    @seed(int(os.environ.get("CELLGEN_FUZZ_SEED", "0")) + 1)
+    @seed(int(os.environ.get("CELLGEN_FUZZ_SEED", "0")) + seed_offset)
     @settings(max_examples=int(os.environ.get("CELLGEN_FUZZ_CUDA_EXAMPLES", "4")), deadline=None, database=None,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
     @given(fz=specs())
     def run(fz) -> None:
-        folder = tmp_path_factory.mktemp("fuzz_cuda")
+        folder = tmp_path_factory.mktemp(folder_name)
         (folder / "probe.py").write_text(fz.text)
         assume(not degenerate(folder / "probe.py"))
-        check_spec(fz, folder, dtypes=(np.float64,), backends=("cuda",))
+        check(fz, folder)
 
     run()
+
+
+def test_random_specs_on_the_simulator(tmp_path_factory) -> None:
+    """A sample of the differential fuzzer's random specs (test_fuzz.py) on backend="cuda":
+    against the evaluator of their equations, float64 (CELLGEN_FUZZ_CUDA_EXAMPLES, default 4)."""
+    from fuzz_specs import check_spec
+
+    _on_random_specs(1, "fuzz_cuda", lambda fz, folder: check_spec(fz, folder, dtypes=(np.float64,),
+                                                                  backends=("cuda",)), tmp_path_factory)
 
 
 # -- training: the backward on the device ---------------------------------------------------------
@@ -616,22 +625,7 @@ def _random_backward_equals_reference(fz, folder: Path, tol: float = 1e-10) -> s
 def test_random_specs_backward_on_the_simulator(tmp_path_factory) -> None:
     """The training fuzzer's random specs (fused where backward_layout allows, the fallback elsewhere) on
     backend="cuda": gradients == the reference backend's, float64 (CELLGEN_FUZZ_CUDA_EXAMPLES, default 4)."""
-    import os
-
-    from fuzz_specs import degenerate, specs
-    from hypothesis import HealthCheck, Phase, assume, given, seed, settings
-
-    @seed(int(os.environ.get("CELLGEN_FUZZ_SEED", "0")) + 2)
-    @settings(max_examples=int(os.environ.get("CELLGEN_FUZZ_CUDA_EXAMPLES", "4")), deadline=None, database=None,
-              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-    @given(fz=specs())
-    def run(fz) -> None:
-        folder = tmp_path_factory.mktemp("fuzz_cuda_backward")
-        (folder / "probe.py").write_text(fz.text)
-        assume(not degenerate(folder / "probe.py"))
-        _random_backward_equals_reference(fz, folder)
-
-    run()
+    _on_random_specs(2, "fuzz_cuda_backward", _random_backward_equals_reference, tmp_path_factory)
 
 
 #: Two stages; stage 0's operand is [h, c] (two parts of num_units: a thread of its transposed GEMM keeps
