@@ -48,15 +48,18 @@ class KernelPrinter:
         p.names = prog.names
         try:
             lines = [f"{name} = {p.define(expr)}" for name, expr in prog.assignments]
-            lines += [f"{p.doprint(target)} = {v if isinstance(v, str) else p.doprint(v)}"
-                      for target, v in prog.stores]
+            lines += [self.store(target, v if isinstance(v, str) else p.doprint(v)) for target, v in prog.stores]
         finally:
             p.names = {}
         return LoopText(print_index(loop.domain), "\n".join(lines))
 
+    def store(self, target: sympy.Indexed, value: str) -> str:
+        """The line storing the printed ``value`` into ``target`` (a backend may convert it first)."""
+        return f"{self.printer.doprint(target)} = {value}"
+
     def masked_loop(self, loop: Loop) -> LoopText | None:
         p = self.printer
-        lines = [f"{p.doprint(s.target)} = {p.doprint(s.masked)}" for s in loop.stores
+        lines = [self.store(s.target, p.doprint(s.masked)) for s in loop.stores
                  if s.masked is not None and s.masked != s.target]
         return LoopText(print_index(loop.domain), "\n".join(lines)) if lines else None
 

@@ -8,6 +8,7 @@ lists/dicts of those; it prints structure and decides nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from cellgen.backends.cuda.layout import (
     cuda_layout,
     gate_of,
 )
+from cellgen.backends.cuda import precision
 from cellgen.backends.cuda.backward import backward_context
 from cellgen.codegen.loops import STEP_VIEWS, KernelPrinter
 from cellgen.ir.backward import training_plan
@@ -52,19 +54,23 @@ VIEW_LINES = {
 class CudaPrinter(NumbaPrinter):
     """:class:`NumbaPrinter` for kernels: a fused GEMM's result is read from its accumulators.
 
-    ``accumulators`` maps a result array (``rec0``) to (units, accumulator names by gate).
+    ``accumulators`` maps a result array (``rec0``) to (units, accumulator names by gate);
+    ``variant`` says how the kernel's storage arrays (:data:`STORAGE_ARRAYS`) are read: widened to
+    the compute dtype for a half storage dtype, as they are otherwise.
     """
 
     def __init__(self, dtype: str, batched: tuple[str, ...],
                  accumulators: dict[str, tuple[sympy.Expr, tuple[str, ...]]] | None = None,
-                 rows: dict[str, str] | None = None) -> None:
+                 rows: dict[str, str] | None = None, variant: Variant | None = None) -> None:
         super().__init__(dtype, batched, row="b", arrays=STEP_VIEWS, rows=rows)
         self.accumulators = accumulators or {}
+        self.variant = variant or Variant(dtype)
 
     def _print_Indexed(self, expr: sympy.Indexed) -> str:
         found = self.accumulators.get(str(expr.base))
         if found is None:
-            return super()._print_Indexed(expr)
+            text = super()._print_Indexed(expr)
+            return self.variant.load(text) if str(expr.base) in STORAGE_ARRAYS else text
         units, names = found
         k = gate_of(expr.indices[0], units, len(names))
         if k is None:
@@ -73,13 +79,78 @@ class CudaPrinter(NumbaPrinter):
 
 
 class CudaKernelPrinter(KernelPrinter):
-    """The CPU's loop printer with a :class:`CudaPrinter` (same statements, accumulator reads)."""
+    """The CPU's loop printer with a :class:`CudaPrinter` (same statements, accumulator reads; a store
+    into a storage array rounded to the variant's storage dtype)."""
 
     def __init__(self, plan: FusedPlan, dtype: str,
                  accumulators: dict[str, tuple[sympy.Expr, tuple[str, ...]]] | None = None,
-                 rows: dict[str, str] | None = None) -> None:
+                 rows: dict[str, str] | None = None, variant: Variant | None = None) -> None:
         self.plan = plan
-        self.printer = CudaPrinter(dtype, plan.batched_arrays, accumulators, rows)
+        self.variant = variant or Variant(dtype)
+        self.printer = CudaPrinter(dtype, plan.batched_arrays, accumulators, rows, self.variant)
+
+    def store(self, target: sympy.Indexed, value: str) -> str:
+        if str(target.base) not in STORAGE_ARRAYS:
+            return super().store(target, value)
+        return f"{NumbaPrinter._print_Indexed(self.printer, target)} = {self.variant.store(value)}"
+
+
+#: The plan arrays a kernel reads or writes in the storage dtype (the input at t and t - 1, the output):
+#: with a half storage dtype every read widens to float32 and every store rounds back. Everything else a
+#: kernel touches is in the compute dtype: pre-activations, recurrent states (float32 working copies),
+#: operand buffers, the accumulators. The recurrent weights are storage too (read by the GEMM loops).
+STORAGE_ARRAYS = frozenset({X, X_PREV, OUT})
+#: The kernel arguments held in the storage dtype besides the recurrent weights (``CudaLayout.weights``).
+STORAGE_ARGS = ("xs", "x0", "out")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One per-dtype kernel variant: its storage dtype, the dtype it computes in, and how it converts.
+
+    float32 and float64 store what they compute (no conversion). float16 loads widen by ``np.float32``
+    and stores round by numba's own cast (round to nearest even); bfloat16 arrays are uint16 bit
+    patterns, widened by ``_bf16_to_f32`` and rounded by ``_f32_to_bf16``
+    (:func:`cellgen.backends.cuda.precision.device_functions`, bound by ``_cuda_kernels``).
+    """
+
+    storage: str
+
+    @property
+    def compute(self) -> str:
+        return precision.compute_name(self.storage)
+
+    @property
+    def half(self) -> bool:
+        return self.storage in precision.HALF
+
+    def load(self, text: str) -> str:
+        """A read of a storage element, as a compute-dtype value."""
+        if self.storage == "float16":
+            return f"np.float32({text})"
+        if self.storage == "bfloat16":
+            return f"_bf16_to_f32({text})"
+        return text
+
+    def store(self, text: str) -> str:
+        """A compute-dtype value as the element a storage array holds."""
+        return f"_f32_to_bf16({text})" if self.storage == "bfloat16" else text
+
+    @property
+    def element(self) -> str:
+        """The storage element's NumPy type as the kernels name it (uint16 for bfloat16's patterns)."""
+        return "np.uint16" if self.storage == "bfloat16" else f"np.{self.storage}"
+
+    @property
+    def shared_type(self) -> str:
+        """The numba type of a dynamic shared array of storage elements (``_nb_<name>``)."""
+        return "uint16" if self.storage == "bfloat16" else self.storage
+
+
+#: The kernel variants of a forward that computes for users: one per storage dtype.
+FORWARD_VARIANTS = tuple(Variant(s) for s in precision.STORAGE)
+#: The training forward's and the backward's variants (float32 and float64: no half storage there).
+TRAIN_VARIANTS = tuple(Variant(s) for s in DTYPES)
 
 
 def _indent(text: str, n: int = 4) -> str:
@@ -96,12 +167,12 @@ def _accumulators(kernel: CudaKernel) -> tuple[str, ...]:
     return tuple(f"_acc{g}" for g in range(kernel.gemm.gates)) if kernel.gemm else ()
 
 
-def _bodies(plan: FusedPlan, kernel: CudaKernel, dtype: str) -> tuple[str, str]:
-    """(body, masked body) of the kernel's loops at one (row b, unit j), for ``dtype``."""
+def _bodies(plan: FusedPlan, kernel: CudaKernel, variant: Variant) -> tuple[str, str]:
+    """(body, masked body) of the kernel's loops at one (row b, unit j), for ``variant``."""
     accs = _accumulators(kernel)
     rows = {saved_array(n): "t, b" for n, _ in plan.time_loop.saved}  # a training forward's [T, B, n] saves
-    kp = CudaKernelPrinter(plan, dtype, {kernel.gemm.result: (kernel.gemm.units, accs)} if kernel.gemm else None,
-                           rows)
+    kp = CudaKernelPrinter(plan, variant.compute,
+                           {kernel.gemm.result: (kernel.gemm.units, accs)} if kernel.gemm else None, rows, variant)
     body, masked = [], []
     for loop in kernel.loops:
         for text, out in ((kp.loop(loop), body), (kp.masked_loop(loop), masked)):
@@ -111,9 +182,10 @@ def _bodies(plan: FusedPlan, kernel: CudaKernel, dtype: str) -> tuple[str, str]:
     return "\n".join(body), "\n".join(masked)
 
 
-def _printed(plan: FusedPlan, kernel: CudaKernel, dtype: str, prefix: str = "") -> dict[str, Any]:
-    """One kernel's source pieces for ``dtype``."""
-    body, masked = _bodies(plan, kernel, dtype)
+def _printed(plan: FusedPlan, kernel: CudaKernel, variant: Variant, prefix: str = "") -> dict[str, Any]:
+    """One kernel's source pieces for ``variant``."""
+    dtype = variant.compute
+    body, masked = _bodies(plan, kernel, variant)
     out: dict[str, Any] = {
         "name": prefix + kernel.name, "args": list(kernel.arg_names), "block": list(kernel.block),
         "stage": kernel.stage,
@@ -149,10 +221,10 @@ def _launch(kernel: CudaKernel, prefix: str = "") -> dict[str, Any]:
     }
 
 
-def _persistent(plan: FusedPlan, kernel: PersistentKernel, dtype: str, prefix: str = "") -> dict[str, Any]:
-    """The persistent kernel's source pieces for ``dtype``: its stages printed as the stage kernels are."""
+def _persistent(plan: FusedPlan, kernel: PersistentKernel, variant: Variant, prefix: str = "") -> dict[str, Any]:
+    """The persistent kernel's source pieces for ``variant``: its stages printed as the stage kernels are."""
     return {"name": prefix + kernel.name, "args": list(kernel.arg_names), "block": list(kernel.block),
-            "stages": [_printed(plan, k, dtype, prefix) for k in kernel.stages],
+            "stages": [_printed(plan, k, variant, prefix) for k in kernel.stages],
             "double_buffered": [{"old": state_array(n), "new": new_state_array(n)} for n in kernel.double_buffered]}
 
 
@@ -164,9 +236,22 @@ def _persistent_launch(kernel: PersistentKernel, prefix: str = "") -> dict[str, 
                         "columns": k.gemm.columns} for k in kernel.stages]}
 
 
-def layout_context(layout: CudaLayout, ns: str = "") -> dict[str, Any]:
+def _variant_context(plan: FusedPlan, layout: CudaLayout, variant: Variant, prefix: str) -> dict[str, Any]:
+    """One dtype variant's kernels printed, with what the template needs to name its types and conversions."""
+    zero = NumbaPrinter(variant.compute).doprint(sympy.Integer(0))
+    return {"dtype": variant.storage, "np_dtype": DTYPES[variant.compute], "zero": zero,
+            "load": variant.load("{}"), "half": variant.half, "shared_type": variant.shared_type,
+            "shared_zero": f"{variant.element}(0)" if variant.half else zero,
+            "shared_load": variant.load("{}"),
+            "kernels": [_printed(plan, k, variant, prefix) for k in (*layout.kernels, *layout.all_rows)],
+            "persistent": layout.persistent and _persistent(plan, layout.persistent, variant, prefix)}
+
+
+def layout_context(layout: CudaLayout, ns: str = "",
+                   variants: tuple[Variant, ...] = FORWARD_VARIANTS) -> dict[str, Any]:
     """Everything ``templates/cuda/forward.py.j2`` needs from a layout, as plain values; ``ns``
-    ("" or "_train") ends the host function's name and starts every kernel's (``train_stage0``)."""
+    ("" or "_train") ends the host function's name and starts every kernel's (``train_stage0``);
+    ``variants``: the dtype variants to print (the training forward has no half ones)."""
     plan = layout.plan
     spec = plan.spec
     state_names = [s.name for s in spec.states]
@@ -178,10 +263,8 @@ def layout_context(layout: CudaLayout, ns: str = "") -> dict[str, Any]:
         "ns": ns,
         "saved": [{"name": saved_array(n), "width": print_index(w)} for n, w in plan.time_loop.saved],
         "block": list(layout.block),
-        "dtypes": [{"dtype": dtype, "np_dtype": DTYPES[dtype], "zero": NumbaPrinter(dtype).doprint(sympy.Integer(0)),
-                    "kernels": [_printed(plan, k, dtype, prefix) for k in (*layout.kernels, *layout.all_rows)],
-                    "persistent": layout.persistent and _persistent(plan, layout.persistent, dtype, prefix)}
-                   for dtype in DTYPES],
+        "dtypes": [_variant_context(plan, layout, v, prefix) for v in variants],
+        "storage_args": [*layout.weights, *STORAGE_ARGS],
         "launches": launches,
         "all_rows": all_rows,
         "all_rows_max": layout.all_rows_max,
@@ -209,5 +292,6 @@ def context(plan: FusedPlan) -> dict[str, Any]:
     """The backend's template context: :func:`layout_context` of :func:`cuda_layout`, and under
     ``train`` the forward that saves and under ``backward`` the reverse loop's kernels."""
     training = training_plan(plan.spec)
-    return {**layout_context(cuda_layout(plan)), "train": layout_context(cuda_layout(training.forward), "_train"),
+    return {**layout_context(cuda_layout(plan)),
+            "train": layout_context(cuda_layout(training.forward), "_train", TRAIN_VARIANTS),
             "backward": backward_context(training)}

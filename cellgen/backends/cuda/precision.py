@@ -20,6 +20,7 @@ round exactly like the device functions (ties to even, NaN kept NaN).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -50,6 +51,59 @@ def compute_name(storage: str) -> str:
 def device_dtype(storage: str) -> np.dtype:
     """The NumPy dtype of a device array holding ``storage`` (uint16 patterns for bfloat16)."""
     return BF16_BITS if storage == "bfloat16" else np.dtype(storage)
+
+
+def device_storage(dtype: Any) -> str:
+    """The storage dtype a kernel-side device array holds: its own dtype's name, ``bfloat16`` for
+    ``uint16`` (inside the backend a uint16 array is always bfloat16 patterns; users mark theirs with
+    :func:`bfloat16_device`)."""
+    return "bfloat16" if np.dtype(dtype) == BF16_BITS else storage_name(dtype)
+
+
+@dataclass(frozen=True)
+class DeviceBfloat16:
+    """A device array of bfloat16 bit patterns (``uint16``), marked as bfloat16: the explicit opt-in
+    without which the CUDA backend never reads a uint16 device array as bfloat16. Made by
+    :func:`bfloat16_device`; ``bits`` is the uint16 device array. A call given device bfloat16 inputs
+    returns its outputs and states as ``DeviceBfloat16`` too."""
+
+    bits: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.bits.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.bits.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The patterns' dtype (uint16); the values are bfloat16."""
+        return BF16_BITS
+
+    def copy_to_host(self) -> np.ndarray:
+        """The values on the host as bfloat16 (``ml_dtypes.bfloat16``) values."""
+        return host_bfloat16(np.asarray(self.bits.copy_to_host()))
+
+
+def bfloat16_device(bits: Any) -> DeviceBfloat16:
+    """Mark a uint16 device array (numba device array or ``__cuda_array_interface__``) as holding bfloat16
+    bit patterns, for ``backend="cuda"`` (inputs, parameters, initial states)."""
+    if isinstance(bits, DeviceBfloat16):
+        return bits
+    if not hasattr(bits, "__cuda_array_interface__") and not hasattr(bits, "copy_to_host"):
+        raise ValueError(f"bfloat16_device takes a uint16 device array, got {type(bits).__name__}")
+    if np.dtype(bits.dtype) != BF16_BITS:
+        raise ValueError(f"bfloat16_device takes a uint16 device array of bfloat16 bit patterns, got dtype {bits.dtype}")
+    return DeviceBfloat16(bits)
+
+
+def host_bfloat16(bits: np.ndarray) -> np.ndarray:
+    """uint16 patterns as a host bfloat16 array (``ml_dtypes.bfloat16``, a view)."""
+    import ml_dtypes
+
+    return np.ascontiguousarray(bits, dtype=BF16_BITS).view(ml_dtypes.bfloat16)
 
 
 def is_bfloat16(dtype: Any) -> bool:

@@ -91,12 +91,15 @@ def on_device(params: Mapping[str, Any]) -> bool:
 
 
 def weights(owner: str, params: Mapping[str, Any], sizes: Mapping[str, int], pack: Callable, device_pack: Callable,
-            gates: Sequence[int], unit_params: Sequence[str]) -> rt.DeviceWeights:
-    """A call's device weights: cached for host parameters, packed on the device for device ones."""
+            gates: Sequence[int], unit_params: Sequence[str], storage: str = "") -> rt.DeviceWeights:
+    """A call's device weights: cached for host parameters, packed on the device for device ones. A half
+    ``storage`` (float16, bfloat16) caches apart and uploads in it (its parameters are host float32 values
+    of it: :func:`cellgen.backends.cuda.storage.prepare`)."""
     if on_device(params):
         return device_weights(device_pack({k: rt.as_device(v) for k, v in params.items()}, sizes), params, gates,
                               unit_params)
-    return WEIGHTS.get(owner, params, lambda: rt.upload_weights(pack(params, sizes), params, gates, unit_params))
+    return WEIGHTS.get(f"{owner}:{storage}" if storage else owner, params,
+                       lambda: rt.upload_weights(pack(params, sizes), params, gates, unit_params, storage))
 
 
 def device_weights(packed, params: Mapping[str, Any], gates: Sequence[int],

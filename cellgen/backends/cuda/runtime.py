@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from cellgen.backends.cuda import precision
 from cellgen.runtime import driver
 from cellgen.runtime.checks import FLOAT_DTYPES
 
@@ -85,8 +86,8 @@ def copy(a) -> Any:
 
 
 def is_device_array(a) -> bool:
-    """A numba device array or anything exporting ``__cuda_array_interface__``."""
-    if hasattr(a, "__cuda_array_interface__"):
+    """A numba device array, anything exporting ``__cuda_array_interface__``, or a marked bfloat16 one."""
+    if isinstance(a, precision.DeviceBfloat16) or hasattr(a, "__cuda_array_interface__"):
         return True
     return cuda is not None and cuda.devicearray.is_cuda_ndarray(a)
 
@@ -124,6 +125,13 @@ def to_host(a) -> np.ndarray:
     return np.asarray(a)
 
 
+def _storage():
+    """:mod:`cellgen.backends.cuda.storage` (imported late: it imports this module)."""
+    from cellgen.backends.cuda import storage
+
+    return storage
+
+
 def _is_sequence(value) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, np.ndarray | str | bytes)
 
@@ -148,7 +156,7 @@ def _upload(host: np.ndarray) -> Any:
     return out
 
 
-def _device_lengths(given, checked: np.ndarray) -> Any:
+def device_lengths(given, checked: np.ndarray) -> Any:
     """The checked int64 lengths on the device: the caller's device array itself when it is int64 and contiguous."""
     if given is not None and is_device_array(given):
         arr = as_device(given)
@@ -235,15 +243,27 @@ def interleave(weight: np.ndarray, gates: int) -> np.ndarray:
 
 
 def upload_weights(packed, params: Mapping[str, np.ndarray], gates: Sequence[int],
-                   unit_params: Sequence[str]) -> DeviceWeights:
-    """Upload ``cell.pack``'s host weights: recurrent GEMM s interleaved by ``gates[s]``."""
+                   unit_params: Sequence[str], storage: str = "") -> DeviceWeights:
+    """Upload ``cell.pack``'s host weights: recurrent GEMM s interleaved by ``gates[s]``. A half ``storage``
+    uploads the hoisted and recurrent weights rounded to it (uint16 patterns for bfloat16) and the bias
+    and per-unit vectors as float32 holding values of it (cellgen.backends.cuda.storage)."""
     module = numba_cuda()
     w_hoisted, b_hoisted, recurrent = packed
+    half = storage in precision.HALF
+
+    def matrix(w: np.ndarray) -> np.ndarray:
+        return precision.to_storage(w, storage) if half else np.ascontiguousarray(w)
+
+    def vector(v: np.ndarray) -> np.ndarray:
+        if not half:
+            return np.ascontiguousarray(v)
+        return precision.from_storage(precision.to_storage(v, storage), storage).astype(np.float32)
+
     return DeviceWeights(
-        hoisted=None if w_hoisted is None else module.to_device(np.ascontiguousarray(w_hoisted)),
-        bias=None if b_hoisted is None else module.to_device(np.ascontiguousarray(b_hoisted)),
-        recurrent=tuple(module.to_device(interleave(w, g)) for w, g in zip(recurrent, gates, strict=True)),
-        params={name: module.to_device(np.ascontiguousarray(params[name])) for name in unit_params},
+        hoisted=None if w_hoisted is None else module.to_device(matrix(w_hoisted)),
+        bias=None if b_hoisted is None else module.to_device(vector(b_hoisted)),
+        recurrent=tuple(module.to_device(matrix(interleave(w, g))) for w, g in zip(recurrent, gates, strict=True)),
+        params={name: module.to_device(vector(params[name])) for name in unit_params},
     )
 
 
@@ -388,14 +408,16 @@ def swap_time_batch(a, allocate=None) -> Any:
     return out
 
 
-def to_time_major(inputs, is_time_major: bool) -> Any:
-    """Device inputs -> C-contiguous [T, B, I] on the device (zero-copy when already so)."""
+def to_time_major(inputs, is_time_major: bool, storage: str = "") -> Any:
+    """Device inputs -> C-contiguous [T, B, I] on the device (zero-copy when already so); a half
+    ``storage``: inputs as the kernels hold it (float16, or uint16 patterns for bfloat16)."""
     arr = as_device(inputs)
     layout = "[max_time, batch_size, input_size]" if is_time_major else "[batch_size, max_time, input_size]"
     if arr.ndim != 3:
         raise ValueError(f"inputs must have rank 3 {layout}, got shape {tuple(arr.shape)}")
-    if np.dtype(arr.dtype) not in FLOAT_DTYPES:
-        raise ValueError(f"inputs must be float32 or float64, got {arr.dtype}")
+    accepted = (precision.device_dtype(storage),) if storage in precision.HALF else FLOAT_DTYPES
+    if np.dtype(arr.dtype) not in accepted:
+        raise ValueError(f"inputs must be float32, float64 or float16 (or marked bfloat16), got {arr.dtype}")
     if not is_time_major:
         return swap_time_batch(arr)
     if _c_contiguous(arr):
@@ -436,6 +458,7 @@ class DeviceCall:
     hyper: dict[str, np.floating]
     sizes: dict[str, int]
     on_host: bool
+    storage: str = ""  # a half storage dtype (cellgen.backends.cuda.storage); "" where xs's dtype computes
 
 
 class DeviceArrays:
@@ -450,8 +473,13 @@ class DeviceArrays:
         """Check every argument with the host driver's checks, then put the inputs, lengths and states on
         the device. Device arrays are checked by shape and dtype (host stand-ins without data, never a
         copy) and stay where they are: device parameters as they are, device states copied on the device
-        (the kernels update states in place); a device ``sequence_length``'s values are read to check them."""
+        (the kernels update states in place); a device ``sequence_length``'s values are read to check them.
+        float16 and bfloat16 inputs: :func:`cellgen.backends.cuda.storage.prepare`."""
         numba_cuda()
+        storage = _storage().call_storage(inputs)
+        if storage in precision.HALF:
+            return _storage().prepare(cell, params, inputs, sequence_length, initial_state, time_major, hyper,
+                                      argument, storage)
         given = dict(params) if isinstance(params, Mapping) else None
         checkable = params if given is None else {k: shape_only(v) if is_device_array(v) else v
                                                   for k, v in given.items()}
@@ -483,7 +511,7 @@ class DeviceArrays:
                 states.append(state)
             else:
                 states.append(_upload(checked))
-        return DeviceCall(xs, _device_lengths(sequence_length, call.lengths), states, device_params, call.hyper,
+        return DeviceCall(xs, device_lengths(sequence_length, call.lengths), states, device_params, call.hyper,
                           call.sizes, on_host)
 
     def reverse_sequence(self, xs, lengths) -> Any:
@@ -493,7 +521,14 @@ class DeviceArrays:
         return last_input(call.xs, call.lengths, call.states[k])
 
     def finish(self, cell: driver.CellInfo, out, states: list[Any], time_major: bool, call: DeviceCall):
-        """Outputs batch-major unless ``time_major``; NumPy arrays back when the inputs were NumPy's."""
+        """Outputs batch-major unless ``time_major``; NumPy arrays back when the inputs were NumPy's (a half
+        call's in its storage dtype, states rounded to it)."""
+        if call.storage in precision.HALF:
+            batch_major = out if time_major else swap_time_batch(out, POOL.take if call.on_host else None)
+            host = _storage().result(batch_major, call.storage, call.on_host)
+            if call.on_host and batch_major is not out:
+                POOL.give(batch_major)
+            return host, cell.state_class(*(_storage().result(s, call.storage, call.on_host) for s in states))
         if call.on_host:
             batch_major = None if time_major else swap_time_batch(out, POOL.take)
             host = (out if batch_major is None else batch_major).copy_to_host()
@@ -508,6 +543,8 @@ class DeviceArrays:
         back to :data:`POOL` (their values are on the host now); a device call's are the caller's."""
         if call.on_host:
             POOL.give(call.xs, out, *states)
+        elif call.storage in precision.HALF:
+            POOL.give(*(s for s in states if np.dtype(s.dtype) == np.float32))  # working copies, now rounded
 
     def to_host(self, a) -> np.ndarray:
         return to_host(a)
