@@ -283,14 +283,15 @@ def test_device_arrays_never_go_through_the_host(name: str, monkeypatch) -> None
 
 
 def test_gpu_check_quick_in_the_simulator(tmp_path: Path) -> None:
-    """``cellgen gpu-check --quick`` runs as written (a scan spec, float64: the cheapest in the simulator):
-    every case of the report, the half-precision rows "not built", cuDNN skipped, exit 0, the JSON."""
+    """``cellgen gpu-check --quick`` runs as written (a scan spec, float64 and bfloat16: the cheapest in the
+    simulator): every case of the report, the bfloat16 rows against float64 within their tolerance, cuDNN
+    skipped, exit 0, the JSON."""
     import json
 
     from cellgen.cli import main
 
     report = tmp_path / "report.json"
-    assert main(["gpu-check", "--quick", "--specs", "qrnn_f", "--dtypes", "float64", "--repeat", "1",
+    assert main(["gpu-check", "--quick", "--specs", "qrnn_f", "--dtypes", "float64,bfloat16", "--repeat", "1",
                  "--warmup", "0", "--json", str(report)]) == 0
     data = json.loads(report.read_text())
     assert data["ok"] and data["environment"]["simulator"] is True
@@ -299,7 +300,11 @@ def test_gpu_check_quick_in_the_simulator(tmp_path: Path) -> None:
                  "device arrays, second call (bit for bit)", "bidirectional"):
         assert cases[("forward", "B3 T3 H5", case)] == "ok"
     assert cases[("training", "B3 T3 H5", "outputs and every gradient (relative)")] == "ok"
-    assert [c["dtype"] for c in data["checks"] if c["status"] == "not built"] == ["float16", "bfloat16"]
+    half = {c["case"]: c["status"] for c in data["checks"] if c["dtype"] == "bfloat16"}
+    assert half == {f"{case} (vs float64; error / tolerance)": "ok" for case in (
+        "ragged lengths, random state", "step loop persistent", "step loop graph", "step loop launches",
+        "device arrays", "bidirectional")}
+    assert all(0 < c["diff"] <= 1 for c in data["checks"] if c["dtype"] == "bfloat16")
     assert [c["section"] for c in data["checks"] if c["status"] == "skipped"] == ["cuDNN"]  # no torch GPU here
     (row,) = data["timings"]
     assert row["spec"] == "qrnn_f" and row["forward_ms"] is None and row["host_launch_ms"] > 0
@@ -372,7 +377,7 @@ def test_unfused_fallback_kernels(tmp_path: Path, dtype) -> None:
     loader = importlib.util.spec_from_file_location("mixed_generated", result.target)
     mod = importlib.util.module_from_spec(loader)
     loader.loader.exec_module(mod)
-    forward = {k for k in mod._CUDA_SOURCES[np.dtype(dtype)] if not k.startswith(("train_", "backward"))}
+    forward = {k for k in mod._CUDA_SOURCES[np.dtype(dtype).name] if not k.startswith(("train_", "backward"))}
     # no persistent kernel (elementwise kernels have no GEMM to keep on chip): the per-step kernels, and for
     # B <= 16 their all-rows variants
     assert forward == {"epilogue0", "stage0", "epilogue1", "epilogue0_all", "stage0_all", "epilogue1_all"}
@@ -572,7 +577,7 @@ def test_fused_backward_several_blocks_and_tiles(name: str) -> None:
     from gradcheck import make_case
 
     mod = _module(name)
-    assert {f"backward_stage{s}" for s in range(len(mod._CUDA_GATES))} <= set(mod._CUDA_SOURCES[np.dtype("float64")])
+    assert {f"backward_stage{s}" for s in range(len(mod._CUDA_GATES))} <= set(mod._CUDA_SOURCES["float64"])
     case = make_case(name, seed=31, lengths=(4, 0, 2, 4, 1), units=37, input_size=5,
                      sizes={"num_proj": 33} if name == "lstm" else None)
     _cuda_vs_reference(case)
@@ -592,7 +597,7 @@ def test_unfused_backward_fallback(name: str, tmp_path: Path, monkeypatch) -> No
     loader = importlib.util.spec_from_file_location(f"unfused_{name}", result.target)
     mod = importlib.util.module_from_spec(loader)
     loader.loader.exec_module(mod)
-    kernels = {k for k in mod._CUDA_SOURCES[np.dtype("float64")] if k.startswith("backward")}
+    kernels = {k for k in mod._CUDA_SOURCES["float64"] if k.startswith("backward")}
     assert kernels == {"backward0", "backward1", "backward2"}
     _cuda_vs_reference(make_case(name, seed=32, lengths=(3, 0, 2), units=6, mod=mod,
                                  sizes={"num_proj": 4} if name == "lstm" else None))
@@ -619,7 +624,7 @@ def _random_backward_equals_reference(fz, folder: Path, tol: float = 1e-10) -> s
                           **{f"initial_state.{n}": s for n, s in zip(module.STATE, g.initial_state, strict=True)}}
     for name, want in grads["reference"].items():
         assert relative_error(grads["cuda"][name], want) <= tol, f"cuda and reference differ in {name}"
-    return {k for k in module._CUDA_SOURCES[np.dtype("float64")] if k.startswith("backward")}
+    return {k for k in module._CUDA_SOURCES["float64"] if k.startswith("backward")}
 
 
 def test_random_specs_backward_on_the_simulator(tmp_path_factory) -> None:

@@ -333,6 +333,29 @@ except CudaUnavailable as err:
 
 
 # -- real compilation ---------------------------------------------------------------------------
+#: The kernels a half storage dtype has per cell (forward only; registers on record in docs/gpu.md, "Half precision").
+HALF_FORWARD = {"stage0", "stage1", "stage0_all", "stage1_all", "persistent", "scan"}
+
+
+@pytest.mark.long
+@pytest.mark.skipif(SIMULATED, reason="compile_ptx needs the real numba.cuda, not the simulator")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_half_storage_kernels_compile_to_sass_without_spills(arch: str, dtype: str) -> None:
+    """Every shipped spec's float16 / bfloat16 storage variants (forward only: no training kernels in half)
+    and the hoisted GEMM's storage variant: 0 spill bytes, registers within the hardware's 255."""
+    reports = inspect_specs(SPECS, [arch], [dtype])
+    kernels = {(r.cell, r.kernel) for r in reports}
+    assert ("runtime", "hoisted") in kernels and ("runtime", "hoisted_tn") not in kernels
+    assert {k for c, k in kernels if c != "runtime"} == HALF_FORWARD
+    stepped = {c for c, k in kernels if k == "persistent"}
+    assert stepped == {"basic_lstm", "basic_rnn", "gru", "gru_cudnn", "lstm"}
+    assert {(r.arch, r.dtype) for r in reports} == {(arch, dtype)}
+    for r in reports:
+        assert r.spills == 0, r
+        assert r.stack == (16 if r.kernel == "persistent" else 0), r
+        assert 0 < r.registers <= 255 and r.occupancy > 0, r
+
 @pytest.mark.long
 @pytest.mark.skipif(SIMULATED, reason="compile_ptx needs the real numba.cuda, not the simulator")
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -366,14 +389,16 @@ def test_every_spec_compiles_to_sass_for_sm80_and_sm90_without_spills(arch: str,
 # -- numbers, in the simulator ---------------------------------------------------------------------
 #: tests/cuda_sim_cases.py runs as this many processes (every SIM_SHARDS-th test each; tests/conftest.py)
 SIM_SHARDS = 4
+#: The simulator's files and their shards: the float32/float64 cases, and the half-precision ones (a process).
+SIM_FILES = {"tests/cuda_sim_cases.py": SIM_SHARDS, "tests/cuda_sim_half_cases.py": 1}
 
 
 @pytest.mark.long
 @pytest.mark.skipif(SIMULATED, reason="this process is already the simulator")
-@pytest.mark.parametrize("shard", range(SIM_SHARDS))
-def test_simulator_suite(shard: int) -> None:
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "CELLGEN_TEST_SHARD": f"{shard}/{SIM_SHARDS}"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/cuda_sim_cases.py"],
+@pytest.mark.parametrize(("path", "shard"), [(p, k) for p, n in SIM_FILES.items() for k in range(n)])
+def test_simulator_suite(path: str, shard: int) -> None:
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "CELLGEN_TEST_SHARD": f"{shard}/{SIM_FILES[path]}"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-5000:]
     last = done.stdout.splitlines()[-1]

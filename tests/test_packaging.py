@@ -44,7 +44,8 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 #: The distribution that provides each third-party module cellgen imports.
 PROVIDERS = {"jinja2": "jinja2", "llvmlite": "llvmlite", "numba": "numba", "numpy": "numpy", "sympy": "sympy",
              "threadpoolctl": "threadpoolctl", "torch": "torch", "matplotlib": "matplotlib", "cuda": "numba-cuda",
-             "ruff": "ruff", "nvidia": "nvidia-cuda-nvdisasm"}  # nvidia: the namespace nvdisasm's wheel installs into
+             "ruff": "ruff", "nvidia": "nvidia-cuda-nvdisasm",  # nvidia: the namespace nvdisasm's wheel installs into
+             "ml_dtypes": "ml_dtypes"}
 #: Folders and modules whose imports may come from an optional extra (the CUDA backend, the tools, the torch layer).
 OPTIONAL = ("cellgen/backends/cuda/", "cellgen/tools/", "cellgen/torch.py", "cellgen/torch_ops.py")
 

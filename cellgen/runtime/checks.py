@@ -7,6 +7,28 @@ from collections.abc import Sequence
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: Storage-only dtypes (float32 arithmetic), by name: the cuda backend's forward alone takes them.
+HALF_DTYPES = ("float16", "bfloat16")
+#: What an error about a half array adds: where such arrays run.
+HALF_HINT = "float16/bfloat16 run on backend='cuda' (dynamic_rnn, bidirectional_dynamic_rnn)"
+
+
+def dtype_error(what: str, dtype) -> str:
+    """``what must be float32 or float64, got <dtype>`` (and where half dtypes run, for one of those)."""
+    name = np.dtype(dtype).name
+    hint = f"; {HALF_HINT}" if name in HALF_DTYPES else ""
+    return f"{what} must be float32 or float64, got {name}{hint}"
+
+
+def reject_half(inputs, what: str) -> None:
+    """A ValueError for float16 / bfloat16 ``inputs`` where only float32 and float64 compute (``what``: the
+    function, e.g. ``dynamic_rnn_vjp``): training has no half storage."""
+    dtype = getattr(inputs, "dtype", None)
+    name = "bfloat16" if type(inputs).__name__ == "DeviceBfloat16" else (
+        None if dtype is None else np.dtype(dtype).name)
+    if name in HALF_DTYPES:
+        raise ValueError(f"{what}: inputs must be float32 or float64, got {name} (training has no half storage; "
+                         f"{HALF_HINT})")
 
 
 def as_time_major(inputs, time_major: bool) -> np.ndarray:
@@ -20,7 +42,7 @@ def as_time_major(inputs, time_major: bool) -> np.ndarray:
     if arr.ndim != 3:
         raise ValueError(f"inputs must have rank 3 {layout}, got shape {arr.shape}")
     if arr.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"inputs must be float32 or float64, got {arr.dtype}")
+        raise ValueError(dtype_error("inputs", arr.dtype))
     if arr.shape[2] > 1 and arr.strides[2] != arr.itemsize:
         arr = np.ascontiguousarray(arr)
     return arr if time_major else arr.transpose(1, 0, 2)
@@ -63,7 +85,7 @@ def initial_states(initial_state, names: Sequence[str], sizes: Sequence[int], ba
             raise ValueError(f"{argument}.{name} must have shape [batch_size, {name}_size] = "
                              f"({batch_size}, {size}), got {arr.shape}")
         if arr.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{argument}.{name} must be float32 or float64, got {arr.dtype}")
+            raise ValueError(dtype_error(f"{argument}.{name}", arr.dtype))
         states.append(np.array(arr, dtype=dtype, order="C"))
     return states
 

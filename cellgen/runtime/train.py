@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from cellgen.runtime import checks
 from cellgen.runtime.driver import BackendRun, Call, CellInfo, backend_run, prepare_directions, reverse_sequence
 
 
@@ -124,6 +125,7 @@ def dynamic_rnn_vjp(cell: CellInfo, params, inputs, *, sequence_length=None, ini
                     backend="cpu", recompute=False, hyper=None):
     """``((outputs, state), backward)``; ``backward(d_outputs, d_state=None)`` -> :class:`Gradients`."""
     entry = backend_run(cell, backend)
+    checks.reject_half(inputs, "dynamic_rnn_vjp")
     call = entry.arrays.prepare(cell, params, inputs, sequence_length, initial_state, time_major, hyper or {})
     out, states, back = vjp_call(cell, entry, call, bool(recompute))
     outputs, state = entry.arrays.finish(cell, out, states, time_major, call)
@@ -147,6 +149,7 @@ def bidirectional_dynamic_rnn_vjp(cell: CellInfo, params_fw, params_bw, inputs, 
     (d_state_fw, d_state_bw))`` -> :class:`BidirectionalGradients`."""
     hyper = hyper or {}
     entry = backend_run(cell, backend)
+    checks.reject_half(inputs, "bidirectional_dynamic_rnn_vjp")
     arrays = entry.arrays
     fw, bw = prepare_directions(cell, entry, params_fw, params_bw, inputs, sequence_length, initial_state_fw,
                                 initial_state_bw, time_major, hyper)

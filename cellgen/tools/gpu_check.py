@@ -112,7 +112,9 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes (with NUMBA_ENABLE_CUDASIM=1: the simulator)")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("--specs", metavar="NAMES", help="comma-separated shipped specs (default: all)")
-    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated: float32, float64 (default both)")
+    p.add_argument("--dtypes", default=",".join(DTYPES),
+                   help="comma-separated: float32, float64, float16, bfloat16 (default all; the half ones forward "
+                        "only, against float64)")
     p.add_argument("--repeat", type=int, default=5, help="timed calls per figure, the median reported (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
     p.set_defaults(fn=main)

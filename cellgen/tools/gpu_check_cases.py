@@ -3,7 +3,9 @@
 Per shipped spec, dtype and shape: ragged lengths (T and 0 among them) with a random initial
 state, the same call again (equal bit for bit), device-array parameters, inputs, lengths and
 states (twice), bidirectional, and one training step (``dynamic_rnn_vjp`` + backward of a random
-linear loss: outputs and every gradient). float16 / bfloat16 rows say "not built" (issue 13, item 3).
+linear loss: outputs and every gradient). float16 / bfloat16 (storage only, float32 arithmetic; no
+training): the same forward cases on the inputs, weights and states rounded to the storage dtype, against
+the cpu backend in float64 on those rounded values (:func:`half_checks`).
 """
 
 from __future__ import annotations
@@ -15,17 +17,21 @@ from types import ModuleType
 
 import numpy as np
 
+from cellgen.backends.cuda import precision, steps
 from cellgen.backends.cuda import runtime as rtc
-from cellgen.backends.cuda import steps
 
 #: Correctness shapes (B, T, I, H): the issue's, sizes that are multiples of nothing, and B > 16 (4-row blocks
 #: per step; the persistent kernel on 8 blocks with 3 row groups, an odd T).
 SHAPES = {"B16 T64 H768": (16, 64, 768, 768), "B5 H37": (5, 9, 37, 37), "B20 T17 H256": (20, 17, 256, 256)}
 #: ``--quick``: one tiny shape of odd sizes (the simulator runs a Python thread per CUDA thread).
 QUICK_SHAPES = {"B3 T3 H5": (3, 3, 5, 5)}
-DTYPES = ("float32", "float64")
-#: Not built yet (issue 13, item 3): listed in the report, never faked.
-HALF_DTYPES = ("float16", "bfloat16")
+#: The storage dtypes checked (float16 / bfloat16: forward only, against float64).
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+HALF_DTYPES = precision.HALF
+#: A half result against float64: within half an ulp of the storage dtype (relative, its one rounding) plus
+#: what float32 arithmetic adds (the float32 rows' tolerance); reported as error / that bound (ok <= 1).
+HALF_RTOL = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+HALF_ATOL = 2e-4
 #: Largest |cuda - cpu| allowed (outputs are tanh/sigmoid-bounded; H=768 sums, T=64 steps).
 TOL = {"float32": 2e-4, "float64": 1e-9}
 #: Largest relative error of a gradient (norm of the difference / norm of the cpu gradient).
@@ -167,10 +173,81 @@ def training_check(module: ModuleType, dtype: str, label: str, shape: tuple[int,
                  status(diff, tol))
 
 
-def not_built(specs: Sequence[str]) -> list[Check]:
-    """float16 / bfloat16: one row each, status "not built" (no kernels exist for them yet)."""
-    return [Check("forward", "all", dtype, "-", "fp32-accumulating half-precision kernels", None, None,
-                  "not built", "issue 13, item 3: not built yet") for dtype in HALF_DTYPES if specs]
+def half_fraction(got, want, storage: str) -> float:
+    """``max |got - want| / (HALF_RTOL |want| + HALF_ATOL)`` (inf for a shape or dtype mismatch)."""
+    got = rtc.to_host(got)
+    if got.shape != np.shape(want) or precision.storage_name(got.dtype) != storage:
+        return float("inf")
+    bound = HALF_RTOL[storage] * np.abs(want) + HALF_ATOL
+    return float((np.abs(got.astype(np.float64) - want) / bound).max(initial=0.0))
+
+
+def _rounded(case: Case, storage: str) -> Case:
+    """A case's arrays rounded to ``storage`` (host float16 / ml_dtypes.bfloat16 arrays)."""
+    def held(a: np.ndarray) -> np.ndarray:
+        bits = precision.to_storage(a, storage)
+        return precision.host_bfloat16(bits) if storage == "bfloat16" else bits
+
+    return dataclasses.replace(case, params={k: held(v) for k, v in case.params.items()}, inputs=held(case.inputs),
+                               state=tuple(held(s) for s in case.state))
+
+
+def _wide(a) -> np.ndarray:
+    return np.asarray(a).astype(np.float64)
+
+
+def _device(a: np.ndarray, storage: str):
+    cuda = rtc.numba_cuda()
+    bits = cuda.to_device(np.ascontiguousarray(a).view(np.uint16) if storage == "bfloat16" else a)
+    return precision.bfloat16_device(bits) if storage == "bfloat16" else bits
+
+
+def _results(result) -> list:
+    """A dynamic_rnn result (outputs, states) as a flat list of arrays."""
+    out, states = result
+    return [out, *states]
+
+
+def _half_row(module: ModuleType, storage: str, label: str, name: str, got: list, want: list) -> Check:
+    diff = max(half_fraction(a, b, storage) for a, b in zip(got, want, strict=True))
+    return Check("forward", module.NAME, storage, label, f"{name} (vs float64; error / tolerance)", diff, 1.0,
+                 status(diff, 1.0))
+
+
+def half_checks(module: ModuleType, storage: str, label: str, shape: tuple[int, int, int, int]) -> list[Check]:
+    """float16 / bfloat16 storage against the cpu backend in float64 on the rounded values: ragged lengths with
+    a random state, each step loop forced, device arrays (bfloat16 ones marked), bidirectional."""
+    case = _rounded(make_case(module, shape, "float32", seed=1), storage)
+    args = {"sequence_length": case.lengths, **case.hyper}
+    wide = {k: _wide(v) for k, v in case.params.items()}
+    want = module.dynamic_rnn(wide, _wide(case.inputs), initial_state=tuple(map(_wide, case.state)), **args)
+    got = module.dynamic_rnn(case.params, case.inputs, initial_state=case.state, backend="cuda", **args)
+    want = _results(want)
+    checks = [_half_row(module, storage, label, "ragged lengths, random state", _results(got), want)]
+    for mode in ("persistent", "graph", "launches"):
+        with steps.forced(mode):
+            steps.forget()
+            got = module.dynamic_rnn(case.params, case.inputs, initial_state=case.state, backend="cuda", **args)
+            ran = steps.last_path()
+        row = _half_row(module, storage, label, f"step loop {mode}", _results(got), want)
+        checks.append(dataclasses.replace(row, note="" if ran in (mode, None) else f"ran {ran}"))
+    cuda = rtc.numba_cuda()
+    out, states = module.dynamic_rnn({k: _device(v, storage) for k, v in case.params.items()},
+                                     _device(case.inputs, storage),
+                                     initial_state=tuple(_device(s, storage) for s in case.state), backend="cuda",
+                                     **{**args, "sequence_length": cuda.to_device(case.lengths.astype(np.int64))})
+    checks.append(_half_row(module, storage, label, "device arrays",
+                            [out.copy_to_host(), *(s.copy_to_host() for s in states)], want))
+    other = _rounded(make_case(module, shape, "float32", seed=2), storage)
+    bi = {"sequence_length": case.lengths, **case.hyper}
+    (gf, gb), (sf, sb) = module.bidirectional_dynamic_rnn(case.params, other.params, case.inputs, backend="cuda",
+                                                          initial_state_fw=case.state, initial_state_bw=other.state,
+                                                          **bi)
+    (cf, cb), (tf, tb) = module.bidirectional_dynamic_rnn(
+        wide, {k: _wide(v) for k, v in other.params.items()}, _wide(case.inputs),
+        initial_state_fw=tuple(map(_wide, case.state)), initial_state_bw=tuple(map(_wide, other.state)), **bi)
+    checks.append(_half_row(module, storage, label, "bidirectional", [gf, gb, *sf, *sb], [cf, cb, *tf, *tb]))
+    return checks
 
 
 def run_checks(modules: Sequence[ModuleType], dtypes: Sequence[str], shapes: dict[str, tuple[int, int, int, int]],
@@ -181,9 +258,12 @@ def run_checks(modules: Sequence[ModuleType], dtypes: Sequence[str], shapes: dic
         for dtype in dtypes:
             for label, shape in shapes.items():
                 progress(f"  {module.NAME} {dtype} {label}")
+                if dtype in HALF_DTYPES:
+                    checks += half_checks(module, dtype, label, shape)
+                    continue
                 checks += forward_checks(module, dtype, label, shape)
                 checks.append(training_check(module, dtype, label, shape))
-    return checks + not_built([m.NAME for m in modules])
+    return checks
 
 
 def table(checks: Sequence[Check]) -> str:

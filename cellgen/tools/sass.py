@@ -129,13 +129,26 @@ def parse_log(log: str) -> dict[str, int]:
     }
 
 
-def signature(kinds, dtype: str):
-    """Numba types of a kernel's arguments as the runtime passes them (C-contiguous arrays)."""
+#: The storage dtypes a kernel variant can be compiled for (float16 / bfloat16: float32 arithmetic).
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+def signature(kinds, dtype: str, storage_args: tuple[str, ...] = ()):
+    """Numba types of a kernel's arguments as the runtime passes them (C-contiguous arrays). For a half
+    ``dtype`` the arguments named in ``storage_args`` hold it (bfloat16: uint16 patterns), the rest float32."""
     from numba import types
 
-    real = getattr(types, dtype)
+    from cellgen.backends.cuda import precision
+
+    real = getattr(types, precision.compute_name(dtype))
+    stored = types.uint16 if dtype == "bfloat16" else getattr(types, dtype)
     table = {"int": types.int64, "real": real, "lengths": types.Array(types.int64, 1, "C")}
-    return tuple(table[k] if k in table else types.Array(real, int(k[-1]), "C") for _, k in kinds)
+
+    def array(name: str, kind: str):
+        held = stored if dtype in precision.HALF and name in storage_args else real
+        return types.Array(held, int(kind[-1]), "C")
+
+    return tuple(table[k] if k in table else array(name, k) for name, k in kinds)
 
 
 def load_generated(spec_path: str | Path, workdir: Path) -> ModuleType:
@@ -165,13 +178,14 @@ def _compiling_for(cc: tuple[int, int]) -> Iterator[None]:
         dispatcher.get_current_device = before
 
 
-def _report(cell: str, kernel: str, fn, kinds, block, dtype: str, arch: str, mix: bool = False) -> KernelReport:
+def _report(cell: str, kernel: str, fn, kinds, block, dtype: str, arch: str, mix: bool = False,
+            storage_args: tuple[str, ...] = ()) -> KernelReport:
     """Compile one plain kernel function for ``dtype`` and ``arch`` and read its SASS figures."""
     import numpy as np
     from numba import cuda
 
     with _compiling_for(ARCHS[arch]["cc"]):
-        ptx, _ = cuda.compile_ptx(fn, signature(kinds, dtype), cc=ARCHS[arch]["cc"])
+        ptx, _ = cuda.compile_ptx(fn, signature(kinds, dtype, storage_args), cc=ARCHS[arch]["cc"])
     info = link_info(ptx, arch, kernel)
     threads = int(np.prod(block))
     return KernelReport(cell, kernel, dtype, arch, tuple(block), info["registers"], info["spill_stores"],
@@ -184,12 +198,12 @@ def inspect_module(module: ModuleType, archs: list[str], dtypes: list[str], mix:
                    kernels: set[str] | None = None) -> list[KernelReport]:
     """Compile every CUDA kernel of a generated module (or those named in ``kernels``) for each dtype and
     architecture."""
-    import numpy as np
     from numba import cuda
 
-    module.cuda = cuda  # what _cuda_kernels binds before jitting, without needing a GPU
-    return [_report(module.NAME, kernel, fn, module._CUDA_ARGS[kernel], module._CUDA_BLOCKS[kernel], dtype, arch, mix)
-            for dtype in dtypes for kernel, fn in module._CUDA_SOURCES[np.dtype(dtype)].items()
+    module._cuda_bind(cuda, False)  # what _cuda_kernels binds before jitting, without needing a GPU
+    return [_report(module.NAME, kernel, fn, module._CUDA_ARGS[kernel], module._CUDA_BLOCKS[kernel], dtype, arch, mix,
+                    module._CUDA_STORAGE_ARGS)
+            for dtype in dtypes for kernel, fn in module._CUDA_SOURCES[dtype].items()
             if kernels is None or kernel in kernels for arch in archs]
 
 
@@ -199,11 +213,19 @@ def inspect_runtime(names: list[str], archs: list[str], dtypes: list[str], mix: 
 
     from cellgen.backends.cuda import gemm
 
+    from cellgen.backends.cuda import precision
+
     gemm.cuda = cuda  # what gemm.kernel binds before jitting
     kernels = {"hoisted": (gemm.source, gemm.ARGS, gemm.BLOCK),
                "hoisted_tn": (lambda dtype: gemm.source(dtype, transpose_a=True), gemm.ARGS, gemm.BLOCK)}
-    return [_report("runtime", name, kernels[name][0](dtype), kernels[name][1], kernels[name][2], dtype, arch, mix)
-            for dtype in dtypes for name in names for arch in archs]
+
+    def made(name: str, dtype: str):  # a half storage: a and w hold it, bias and c float32; no backward GEMM
+        return kernels[name][0](dtype) if dtype not in precision.HALF else gemm.source("float32", storage=dtype)
+
+    return [_report("runtime", name, made(name, dtype), kernels[name][1], kernels[name][2], dtype, arch, mix,
+                    ("a", "w"))
+            for dtype in dtypes for name in names for arch in archs
+            if dtype not in precision.HALF or name == "hoisted"]
 
 
 def inspect_specs(paths: list[str | Path], archs: list[str], dtypes: list[str], mix: bool = False,
@@ -243,10 +265,10 @@ def table(reports: list[KernelReport]) -> str:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
-    unknown = [a for a in archs if a not in ARCHS] + [d for d in dtypes if d not in ("float32", "float64")]
+    unknown = [a for a in archs if a not in ARCHS] + [d for d in dtypes if d not in DTYPES]
     if unknown:
         raise ValueError(f"unknown arch/dtype {', '.join(unknown)}; archs: {', '.join(ARCHS)}; "
-                         f"dtypes: float32, float64")
+                         f"dtypes: {', '.join(DTYPES)}")
     kernels = {k.strip() for k in args.kernels.split(",") if k.strip()} if args.kernels else None
     reports = inspect_specs(args.specs, archs, dtypes, args.mix, kernels)
     print(table(reports))
@@ -263,7 +285,9 @@ def register(subparsers) -> None:
     p.add_argument("--cuda", action="store_true", default=True,
                    help="inspect the CUDA kernels (the only target, so the default)")
     p.add_argument("--arch", default="sm_80,sm_90", help="comma-separated: sm_80, sm_90 (default both)")
-    p.add_argument("--dtype", default="float32", help="comma-separated: float32, float64 (default float32)")
+    p.add_argument("--dtype", default="float32",
+                   help="comma-separated: float32, float64, float16, bfloat16 (default float32; the half ones are "
+                        "the storage variants, float32 arithmetic)")
     p.add_argument("--mix", action="store_true",
                    help="add the SASS instruction mix (instructions, LDG, STS, LDS, FMA, integer ALU, global loads "
                         "in flight before a shared store); needs nvdisasm (pip install nvidia-cuda-nvdisasm)")

@@ -285,6 +285,9 @@ def layout_context(layout: CudaLayout, ns: str = "",
         "hoisted": layout.hoisted,
         "delayed": layout.delayed,
         "output_size": print_index(plan.output_size),
+        # whether the host function allocates or casts anything in the compute dtype (else it names none)
+        "computes": bool(layout.buffers or layout.double_buffered or plan.time_loop.saved or any(
+            hyper_name(h.name) in {a for k in layout.kernels for a in k.arg_names} for h in spec.hypers)),
     }
 
 

@@ -95,7 +95,8 @@ def bfloat16_device(bits: Any) -> DeviceBfloat16:
     if not hasattr(bits, "__cuda_array_interface__") and not hasattr(bits, "copy_to_host"):
         raise ValueError(f"bfloat16_device takes a uint16 device array, got {type(bits).__name__}")
     if np.dtype(bits.dtype) != BF16_BITS:
-        raise ValueError(f"bfloat16_device takes a uint16 device array of bfloat16 bit patterns, got dtype {bits.dtype}")
+        raise ValueError(f"bfloat16_device takes a uint16 device array of bfloat16 bit patterns, "
+                         f"got dtype {bits.dtype}")
     return DeviceBfloat16(bits)
 
 

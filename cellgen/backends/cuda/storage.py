@@ -19,7 +19,6 @@ a half call is checked, and errs, exactly as a float32 one. The storage dtype is
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -93,21 +92,13 @@ def round_to(src: Any, storage: str, allocate: Callable | None = None) -> Any:
 
 
 # -- the hoisted GEMM ------------------------------------------------------------------------------
-def _gemm_takes_storage() -> bool:
-    return "storage" in inspect.signature(gemm.hoisted_gemm).parameters
-
-
 def hoisted_gemm(xs: Any, weight: Any, bias: Any, allocate: Callable | None = None) -> Any:
-    """``xs [T, B, I] @ weight + bias`` into float32 [T, B, N] for a half ``xs`` and ``weight`` (storage
-    dtype, float32 bias and result): the GEMM's own ``storage=`` where it has one, else both widened to
-    float32 on the device first (the same sums: widening is exact, the accumulation float32 either way).
-    float32 and float64 calls go straight to :func:`cellgen.backends.cuda.gemm.hoisted_gemm`."""
+    """``xs [T, B, I] @ weight + bias`` over all T*B rows: for a half ``xs`` and ``weight`` (storage dtype;
+    float32 bias) the GEMM's ``storage=`` (float32 accumulation and result), float32 and float64 as they are."""
     storage = precision.device_storage(xs.dtype)
     if storage not in precision.HALF:
         return gemm.hoisted_gemm(xs, weight, bias, allocate)
-    if _gemm_takes_storage():
-        return gemm.hoisted_gemm(xs, weight, bias, allocate, storage=storage)
-    return gemm.hoisted_gemm(widen(xs, storage), widen(weight, storage), bias, allocate)
+    return gemm.hoisted_gemm(xs, weight, bias, allocate, storage=storage)
 
 
 # -- a half call's arrays ----------------------------------------------------------------------------
