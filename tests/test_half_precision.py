@@ -136,6 +136,21 @@ def test_half_weight_slices_fit_twice_the_units() -> None:
     assert persistent_grid(lstm768, 2, 108, 166912) is None
 
 
+def test_show_says_half_storage_goes_persistent_where_float32_does_not() -> None:
+    from pathlib import Path
+
+    from cellgen.backends.cuda import steps
+    from cellgen.backends.cuda.layout import cuda_layout
+    from cellgen.build import compile_spec
+
+    plan = compile_spec(Path(__file__).resolve().parent.parent / "specs" / "basic_lstm.py")[1]
+    lines = steps.describe(cuda_layout(plan), 64, {sym: 768 for sym in plan.spec.all_sizes})
+    by_dtype = {line.split(":")[0]: line for line in lines[1:]}
+    assert "CUDA graph" in by_dtype["GPU step loop (float32, H100/H200)"]
+    assert "persistent" in by_dtype["GPU step loop (float16/bfloat16, H100/H200)"]
+    assert "CUDA graph" in by_dtype["GPU step loop (float16/bfloat16, A100)"]
+
+
 # -- clear errors --------------------------------------------------------------------------------------
 def _lstm_call(dtype):
     sys.path.insert(0, "tests")

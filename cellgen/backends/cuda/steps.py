@@ -155,6 +155,8 @@ def persistent_grid(stages: Sequence[StageShape], itemsize: int, capacity: int, 
     True
     >>> persistent_grid([StageShape(37, 37, 128)], 4, 1, 232448)  # the simulator: one block, both chunks
     (1, 65536)
+    >>> persistent_grid([StageShape(768, 768, 128)], 2, 132, 232448)  # half storage: 192 KiB, fits an H100/H200
+    (24, 196608)
     """
     if capacity < 1:
         return None
@@ -248,7 +250,11 @@ def run(launches: list[tuple[Any, tuple, tuple, tuple]], graph: bool) -> None:
 DEVICES = {"H100/H200": (132, 232448), "A100": (108, 166912)}
 
 
-def describe(layout: Any, batch: int, sizes: dict, itemsizes: Sequence[int] = (4, 8)) -> list[str]:
+#: ``cellgen show``'s element sizes, by the dtypes that store them (half storage: 2 bytes a weight in shared memory).
+ELEMENT_NAMES = {4: "float32", 8: "float64", 2: "float16/bfloat16"}
+
+
+def describe(layout: Any, batch: int, sizes: dict, itemsizes: Sequence[int] = (4, 8, 2)) -> list[str]:
     """``cellgen show``'s lines on the CUDA step loop of ``layout`` (a :class:`CudaLayout`) at ``batch`` rows and
     ``sizes`` (size symbol -> int): the per-step kernels' blocks, and per dtype and device whether the
     persistent kernel's weight slices fit (then its grid and shared memory per block) or the graph runs."""
@@ -271,7 +277,7 @@ def describe(layout: Any, batch: int, sizes: dict, itemsizes: Sequence[int] = (4
         for device, (sms, optin) in DEVICES.items():
             groups = -(-batch // p.block[1])
             found = persistent_grid(shapes, itemsize, sms, optin, groups)
-            dtype = f"float{itemsize * 8}"
+            dtype = ELEMENT_NAMES[itemsize]
             if found is None:
                 need = shared_bytes(shapes, grid_split(shapes, groups, sms)[1], itemsize)
                 lines.append(f"GPU step loop ({dtype}, {device}): CUDA graph (the weight slices need "
