@@ -174,12 +174,19 @@ def test_the_cpu_backend_refuses_half_with_where_it_runs(dtype) -> None:
         mod.dynamic_rnn(params, inputs, initial_state=state)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda"])
-def test_training_refuses_half_inputs(backend: str) -> None:
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_training_on_the_host_backends_refuses_half_inputs(backend: str) -> None:
     mod, params, inputs = _lstm_call(ml_dtypes.bfloat16)
-    with pytest.raises(ValueError, match=r"dynamic_rnn_vjp: inputs must be float32 or float64, got bfloat16 "
-                                         r"\(training has no half storage"):
+    with pytest.raises(ValueError, match=rf"dynamic_rnn_vjp: inputs must be float32 or float64 on backend="
+                                         rf"'{backend}', got bfloat16 \(float16/bfloat16 run on backend='cuda'"):
         mod.dynamic_rnn_vjp(params, inputs, backend=backend)
-    with pytest.raises(ValueError, match=r"bidirectional_dynamic_rnn_vjp: inputs must be float32 or float64, "
-                                         r"got bfloat16"):
+    with pytest.raises(ValueError, match=r"bidirectional_dynamic_rnn_vjp: inputs must be float32 or float64"):
         mod.bidirectional_dynamic_rnn_vjp(params, params, inputs, backend=backend)
+
+
+def test_half_training_checks_the_parameters_dtype() -> None:
+    mod, params, inputs = _lstm_call(np.float16)
+    params["kernel"] = params["kernel"].astype(np.float32)
+    with pytest.raises(ValueError, match=r"parameter 'kernel' has dtype float32, expected float16 "
+                                         r"\(the inputs' dtype\)"):
+        mod.dynamic_rnn_vjp(params, inputs, backend="cuda")

@@ -10,7 +10,7 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: Storage-only dtypes (float32 arithmetic), by name: the cuda backend's forward alone takes them.
 HALF_DTYPES = ("float16", "bfloat16")
 #: What an error about a half array adds: where such arrays run.
-HALF_HINT = "float16/bfloat16 run on backend='cuda' (dynamic_rnn, bidirectional_dynamic_rnn)"
+HALF_HINT = "float16/bfloat16 run on backend='cuda'"
 
 
 def dtype_error(what: str, dtype) -> str:
@@ -20,15 +20,22 @@ def dtype_error(what: str, dtype) -> str:
     return f"{what} must be float32 or float64, got {name}{hint}"
 
 
+def half_name(inputs) -> str | None:
+    """``float16`` / ``bfloat16`` for half inputs (host arrays, device float16 arrays, marked device bfloat16
+    ones), else None."""
+    if type(inputs).__name__ == "DeviceBfloat16":
+        return "bfloat16"
+    dtype = getattr(inputs, "dtype", None)
+    name = None if dtype is None else np.dtype(dtype).name
+    return name if name in HALF_DTYPES else None
+
+
 def reject_half(inputs, what: str) -> None:
     """A ValueError for float16 / bfloat16 ``inputs`` where only float32 and float64 compute (``what``: the
-    function, e.g. ``dynamic_rnn_vjp``): training has no half storage."""
-    dtype = getattr(inputs, "dtype", None)
-    name = "bfloat16" if type(inputs).__name__ == "DeviceBfloat16" else (
-        None if dtype is None else np.dtype(dtype).name)
-    if name in HALF_DTYPES:
-        raise ValueError(f"{what}: inputs must be float32 or float64, got {name} (training has no half storage; "
-                         f"{HALF_HINT})")
+    function, e.g. ``dynamic_rnn_vjp``)."""
+    name = half_name(inputs)
+    if name is not None:
+        raise ValueError(f"{what}: inputs must be float32 or float64, got {name} ({HALF_HINT})")
 
 
 def as_time_major(inputs, time_major: bool) -> np.ndarray:

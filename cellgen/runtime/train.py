@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from cellgen.runtime import checks
+from cellgen.runtime import checks, half_train
 from cellgen.runtime.driver import BackendRun, Call, CellInfo, backend_run, prepare_directions, reverse_sequence
 
 
@@ -124,8 +125,12 @@ def vjp_call(cell: CellInfo, entry: BackendRun, call: Call, recompute: bool):
 def dynamic_rnn_vjp(cell: CellInfo, params, inputs, *, sequence_length=None, initial_state=None, time_major=False,
                     backend="cpu", recompute=False, hyper=None):
     """``((outputs, state), backward)``; ``backward(d_outputs, d_state=None)`` -> :class:`Gradients`."""
+    if checks.half_name(inputs) is not None:  # float32 training on the storage values (cellgen.runtime.half_train)
+        return half_train.dynamic_rnn_vjp(partial(dynamic_rnn_vjp, cell), cell.state_class, params, inputs,
+                                          backend=backend, sequence_length=sequence_length,
+                                          initial_state=initial_state, time_major=time_major, recompute=recompute,
+                                          hyper=hyper)
     entry = backend_run(cell, backend)
-    checks.reject_half(inputs, "dynamic_rnn_vjp")
     call = entry.arrays.prepare(cell, params, inputs, sequence_length, initial_state, time_major, hyper or {})
     out, states, back = vjp_call(cell, entry, call, bool(recompute))
     outputs, state = entry.arrays.finish(cell, out, states, time_major, call)
@@ -147,9 +152,13 @@ def bidirectional_dynamic_rnn_vjp(cell: CellInfo, params_fw, params_bw, inputs, 
                                   recompute=False, hyper=None):
     """``(((out_fw, out_bw), (state_fw, state_bw)), backward)``; ``backward((d_out_fw, d_out_bw),
     (d_state_fw, d_state_bw))`` -> :class:`BidirectionalGradients`."""
+    if checks.half_name(inputs) is not None:
+        return half_train.bidirectional_dynamic_rnn_vjp(
+            partial(bidirectional_dynamic_rnn_vjp, cell), cell.state_class, params_fw, params_bw, inputs,
+            backend=backend, sequence_length=sequence_length, initial_state_fw=initial_state_fw,
+            initial_state_bw=initial_state_bw, time_major=time_major, recompute=recompute, hyper=hyper)
     hyper = hyper or {}
     entry = backend_run(cell, backend)
-    checks.reject_half(inputs, "bidirectional_dynamic_rnn_vjp")
     arrays = entry.arrays
     fw, bw = prepare_directions(cell, entry, params_fw, params_bw, inputs, sequence_length, initial_state_fw,
                                 initial_state_bw, time_major, hyper)
