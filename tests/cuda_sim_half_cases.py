@@ -11,8 +11,9 @@ dtype, at most half an ulp (relative 2^-11 for float16, 2^-8 for bfloat16), plus
 adds (:data:`ATOL`). So ``|got - ref| <= RTOL * |ref| + ATOL``; measured (B=5, H=37, T=4, every spec and
 path): ``max |got - ref| / (RTOL * |ref| + ATOL)`` is :data:`MEASURED` (0.958 float16, 0.976 bfloat16: the
 bound is the rounding's own, so the margin is what float32 arithmetic leaves of ATOL). bfloat16 stores that
-truncate instead of rounding to nearest even, or a reference on the unrounded inputs, exceed it (tested). Training (``dynamic_rnn_vjp`` on half arrays: the
-float32 training on the storage values, gradients rounded once) meets the same tolerance.
+truncate instead of rounding to nearest even, or a reference on the unrounded inputs, exceed it (tested).
+Training (``dynamic_rnn_vjp`` on half arrays: the float32 training on the storage values, gradients
+rounded once) meets the same tolerance.
 """
 
 from __future__ import annotations
