@@ -139,8 +139,8 @@ def test_lstm_layout() -> None:
     assert "_wv = cuda.local.array(32, np.float32)" in text  # a thread's weight elements of a tile: per_thread
     assert "_acc3 += _a * _sw[_q, _col3]" in text  # acc_columns, rotated by the swizzle
     assert "_col3 = np.uint32(np.uint32(96) + (_ux + np.uint32(24)) % np.uint32(32))" in text
-    # stage0 and stage0_all, in float32 and float64
-    assert text.count("(_u + _g * np.uint32(8))") == 8 and text.count("(_u + _g * np.uint32(4))") == 8
+    # stage0 and stage0_all, in float32 and float64 (and float16 / bfloat16: their shared tile is float32)
+    assert text.count("(_u + _g * np.uint32(8))") == 8 + 16 and text.count("(_u + _g * np.uint32(4))") == 8
     assert "_wv[_r * 4 + 3] = w_rec0[_k, _gc3] if _in and _ok3 else np.float32(0.0)" in text
     assert "def _cuda_stage1_float64(" + ", ".join(_args(stage1)) + "):" in text
     assert "launches.append((kern_stage1, grid_stage1, block_stage1, (" + ", ".join(_args(stage1)) + ", )))" in text
@@ -266,7 +266,7 @@ def test_qrnn_layout() -> None:
     text = _render(layout)
     assert "k.scan[grid_scan, block_scan](pre, pre0, lengths, n_num_units, s_c, out)" in text
     assert "for t in range(T):" not in text  # one launch for all steps
-    assert "pre0 = _cuda_gemm.hoisted_gemm(x0.reshape(1, B, x0.shape[1]), weights.hoisted, weights.bias)[0]" in text
+    assert "pre0 = _rtc_storage.hoisted_gemm(x0.reshape(1, B, x0.shape[1]), weights.hoisted, weights.bias)[0]" in text
     assert "pre_prev = pre0 if t == 0 else pre[t - 1]" in text
 
     reordered = dataclasses.replace(scan, args=scan.args[::-1])
@@ -283,7 +283,7 @@ def test_generated_modules_launch_the_runtime_gemm(spec: Path) -> None:
     # no GEMM of its own: no hoisted kernel, no 2-D register tile (a stage kernel's 1-D ``_wv`` holds its tile loads)
     assert "_cuda_hoisted" not in cuda_part and "cuda.local.array((" not in cuda_part
     assert '"hoisted"' not in cuda_part.split("_CUDA_RUNTIME =")[0]  # not among the module's own kernels
-    assert "pre = _cuda_gemm.hoisted_gemm(xs, weights.hoisted, weights.bias)" in cuda_part
+    assert "pre = _rtc_storage.hoisted_gemm(xs, weights.hoisted, weights.bias)" in cuda_part  # the runtime GEMM
     constants = {node.targets[0].id: node.value for node in ast.parse(text).body
                  if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
     assert ast.literal_eval(constants["_CUDA_RUNTIME"]) == ("hoisted", "hoisted_tn")  # + the backward's a^T @ w

@@ -125,13 +125,6 @@ def to_host(a) -> np.ndarray:
     return np.asarray(a)
 
 
-def _storage():
-    """:mod:`cellgen.backends.cuda.storage` (imported late: it imports this module)."""
-    from cellgen.backends.cuda import storage
-
-    return storage
-
-
 def _is_sequence(value) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, np.ndarray | str | bytes)
 
@@ -474,12 +467,8 @@ class DeviceArrays:
         the device. Device arrays are checked by shape and dtype (host stand-ins without data, never a
         copy) and stay where they are: device parameters as they are, device states copied on the device
         (the kernels update states in place); a device ``sequence_length``'s values are read to check them.
-        float16 and bfloat16 inputs: :func:`cellgen.backends.cuda.storage.prepare`."""
+        float16 and bfloat16 calls: :class:`cellgen.backends.cuda.storage.StorageArrays`."""
         numba_cuda()
-        storage = _storage().call_storage(inputs)
-        if storage in precision.HALF:
-            return _storage().prepare(cell, params, inputs, sequence_length, initial_state, time_major, hyper,
-                                      argument, storage)
         given = dict(params) if isinstance(params, Mapping) else None
         checkable = params if given is None else {k: shape_only(v) if is_device_array(v) else v
                                                   for k, v in given.items()}
@@ -521,14 +510,7 @@ class DeviceArrays:
         return last_input(call.xs, call.lengths, call.states[k])
 
     def finish(self, cell: driver.CellInfo, out, states: list[Any], time_major: bool, call: DeviceCall):
-        """Outputs batch-major unless ``time_major``; NumPy arrays back when the inputs were NumPy's (a half
-        call's in its storage dtype, states rounded to it)."""
-        if call.storage in precision.HALF:
-            batch_major = out if time_major else swap_time_batch(out, POOL.take if call.on_host else None)
-            host = _storage().result(batch_major, call.storage, call.on_host)
-            if call.on_host and batch_major is not out:
-                POOL.give(batch_major)
-            return host, cell.state_class(*(_storage().result(s, call.storage, call.on_host) for s in states))
+        """Outputs batch-major unless ``time_major``; NumPy arrays back when the inputs were NumPy's."""
         if call.on_host:
             batch_major = None if time_major else swap_time_batch(out, POOL.take)
             host = (out if batch_major is None else batch_major).copy_to_host()
@@ -543,8 +525,6 @@ class DeviceArrays:
         back to :data:`POOL` (their values are on the host now); a device call's are the caller's."""
         if call.on_host:
             POOL.give(call.xs, out, *states)
-        elif call.storage in precision.HALF:
-            POOL.give(*(s for s in states if np.dtype(s.dtype) == np.float32))  # working copies, now rounded
 
     def to_host(self, a) -> np.ndarray:
         return to_host(a)
@@ -554,4 +534,4 @@ class DeviceArrays:
         return a if call.on_host else as_device(np.ascontiguousarray(a))
 
 
-DEVICE = DeviceArrays()
+DEVICE = DeviceArrays()  # float32 / float64 calls; the modules' is cellgen.backends.cuda.storage.DEVICE

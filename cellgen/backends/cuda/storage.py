@@ -199,6 +199,38 @@ def prepare(cell: driver.CellInfo, params, inputs, sequence_length, initial_stat
                          call.sizes, on_host, storage)
 
 
+class StorageArrays(rt.DeviceArrays):
+    """The cuda backend's arrays (:class:`cellgen.backends.cuda.runtime.DeviceArrays`) for every storage
+    dtype: float32 / float64 calls as they are, float16 / bfloat16 ones by :func:`prepare` and
+    :func:`result` (outputs and states handed back in the storage dtype)."""
+
+    def prepare(self, cell: driver.CellInfo, params, inputs, sequence_length, initial_state, time_major: bool,
+                hyper: dict, argument: str = "initial_state") -> rt.DeviceCall:
+        storage = call_storage(inputs)
+        if storage not in precision.HALF:
+            return super().prepare(cell, params, inputs, sequence_length, initial_state, time_major, hyper, argument)
+        return prepare(cell, params, inputs, sequence_length, initial_state, time_major, hyper, argument, storage)
+
+    def finish(self, cell: driver.CellInfo, out, states: list[Any], time_major: bool, call: rt.DeviceCall):
+        if call.storage not in precision.HALF:
+            return super().finish(cell, out, states, time_major, call)
+        batch_major = out if time_major else rt.swap_time_batch(out, rt.POOL.take if call.on_host else None)
+        outputs = result(batch_major, call.storage, call.on_host)
+        if call.on_host and batch_major is not out:
+            rt.POOL.give(batch_major)
+        return outputs, cell.state_class(*(result(s, call.storage, call.on_host) for s in states))
+
+    def release(self, call: rt.DeviceCall, out, states: list[Any]) -> None:
+        if call.storage in precision.HALF and not call.on_host:  # the float32 working copies, now rounded
+            rt.POOL.give(*(s for s in states if np.dtype(s.dtype) == COMPUTE))
+            return
+        super().release(call, out, states)
+
+
+#: The arrays every generated module's cuda backend runs on (``_backend_cuda``).
+DEVICE = StorageArrays()
+
+
 def _user_states(initial_state) -> list[Any] | None:
     if isinstance(initial_state, list | tuple):
         return list(initial_state)
