@@ -187,6 +187,10 @@ def test_an_unmarked_uint16_device_array_is_never_read_as_bfloat16() -> None:
         mod.dynamic_rnn(unmarked, marked, backend="cuda")
     with pytest.raises(ValueError, match=r"parameter '.*' has dtype float32, expected bfloat16"):
         mod.dynamic_rnn({k: v.astype(np.float32) for k, v in params.items()}, inputs, backend="cuda")
+    with pytest.raises(ValueError, match=r"initial_state.h must be bfloat16 like the inputs.*got a uint16"):
+        mod.dynamic_rnn(params, inputs, initial_state=cuda.to_device(state[0].view(np.uint16)), backend="cuda")
+    with pytest.raises(ValueError, match=r"initial_state.h has dtype int64, expected bfloat16 or float32 or float64"):
+        mod.dynamic_rnn(params, inputs, initial_state=np.zeros(state[0].shape, np.int64), backend="cuda")
 
 
 def _grad_pairs(g, g64) -> list:

@@ -169,8 +169,8 @@ def prepare(cell: driver.CellInfo, params, inputs, sequence_length, initial_stat
     user_states = _user_states(initial_state)
     state_arg: Any = initial_state
     if user_states is not None:
-        converted = [_stand_in(_device_bits(s, storage, f"{argument}[{k}]").shape) if _is_device(s)
-                     else _host_values(s, storage, f"{argument}[{k}]", exact=False)
+        converted = [_stand_in(_device_bits(s, storage, _state_name(cell, argument, k)).shape) if _is_device(s)
+                     else _host_values(s, storage, _state_name(cell, argument, k), exact=False)
                      for k, s in enumerate(user_states)]
         state_arg = converted[0] if len(converted) == 1 and not isinstance(initial_state, list | tuple) else converted
     lengths = None if sequence_length is None else rt.to_host(sequence_length)
@@ -189,7 +189,7 @@ def prepare(cell: driver.CellInfo, params, inputs, sequence_length, initial_stat
         delay = cell.input_state[k]
         source = None if user_states is None else user_states[k]
         if source is not None and _is_device(source):
-            bits = _device_bits(source, storage, f"{argument}[{k}]")
+            bits = _device_bits(source, storage, _state_name(cell, argument, k))
             states.append(rt.copy(bits) if delay else widen(bits, storage, rt.POOL.take))
         elif delay:
             states.append(rt.as_device(precision.to_storage(checked, storage)))
@@ -206,6 +206,7 @@ class StorageArrays(rt.DeviceArrays):
 
     def prepare(self, cell: driver.CellInfo, params, inputs, sequence_length, initial_state, time_major: bool,
                 hyper: dict, argument: str = "initial_state") -> rt.DeviceCall:
+        rt.numba_cuda()  # binds what tells device arrays apart
         storage = call_storage(inputs)
         if storage not in precision.HALF:
             return super().prepare(cell, params, inputs, sequence_length, initial_state, time_major, hyper, argument)
@@ -229,6 +230,11 @@ class StorageArrays(rt.DeviceArrays):
 
 #: The arrays every generated module's cuda backend runs on (``_backend_cuda``).
 DEVICE = StorageArrays()
+
+
+def _state_name(cell: driver.CellInfo, argument: str, k: int) -> str:
+    """``initial_state.c``, as the float32 checks name a state (``initial_state[k]`` past the cell's states)."""
+    return f"{argument}.{cell.state[k]}" if k < len(cell.state) else f"{argument}[{k}]"
 
 
 def _user_states(initial_state) -> list[Any] | None:
