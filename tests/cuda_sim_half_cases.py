@@ -8,8 +8,8 @@ own with ``NUMBA_ENABLE_CUDASIM=1`` (pytest does not collect it by itself).
 The tolerance (docs/gpu.md, "Half precision"): with every stored value exact in the storage dtype and the
 arithmetic float32, a result differs from the float64 reference by its final rounding to the storage
 dtype, at most half an ulp (relative 2^-11 for float16, 2^-8 for bfloat16), plus what float32 arithmetic
-adds (:data:`ATOL`). So ``|got - ref| <= RTOL * |ref| + ATOL``; measured (B=5, H=37, T=4, every spec and
-path): ``max |got - ref| / (RTOL * |ref| + ATOL)`` is :data:`MEASURED` (0.958 float16, 0.976 bfloat16: the
+adds (:data:`ATOL`). So ``|got - ref| <= RTOL * |ref| + ATOL``; measured (B=5, H=37, T=3, every spec and
+path): ``max |got - ref| / (RTOL * |ref| + ATOL)`` is :data:`MEASURED` (0.929 float16, 0.976 bfloat16: the
 bound is the rounding's own, so the margin is what float32 arithmetic leaves of ATOL). bfloat16 stores that
 truncate instead of rounding to nearest even, or a reference on the unrounded inputs, exceed it (tested).
 Training (``dynamic_rnn_vjp`` on half arrays: the float32 training on the storage values, gradients
@@ -35,9 +35,10 @@ STORAGE = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloa
 RTOL = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
 #: What float32 arithmetic adds over a few steps (float32 eps 1.2e-7 times the sums of K <= 37 terms).
 ATOL = 1e-5
-#: The largest error measured over this file's cases, as a fraction of the tolerance (max |got - ref|:
-#: float16 4.8e-4, bfloat16 5.7e-3, on values up to about 3): a result's rounding reaches nearly half an ulp.
-MEASURED = {"float16": 0.958, "bfloat16": 0.976}
+#: The largest error measured over this file's forward cases, as a fraction of the tolerance (max |got - ref|:
+#: float16 8.8e-4, bfloat16 5.7e-3, on values up to about 3): a result's rounding reaches nearly half an ulp.
+#: The gradients (training): float16 0.894, bfloat16 0.984 of it.
+MEASURED = {"float16": 0.929, "bfloat16": 0.976}
 LSTM_HYPER = {"forget_bias": 0.7, "cell_clip": 0.6, "proj_clip": 0.4}
 
 
@@ -202,7 +203,8 @@ def _grad_pairs(g, g64) -> list:
 def test_training_in_half_matches_the_float64_gradients(name: str, storage: str) -> None:
     """dynamic_rnn_vjp on half arrays: the forward equals dynamic_rnn's bit for bit (the same float32 sums on
     the same storage values), and every gradient, rounded to the storage dtype, is within the forward's
-    tolerance of the float64 cpu backend's on the rounded values (measured: up to 0.98 of it, bfloat16)."""
+    tolerance of the float64 cpu backend's on the rounded values (measured: 0.894 of it in float16, 0.984 in
+    bfloat16)."""
     params, inputs, state, lengths = _case(name, storage)
     mod = _module(name)
     args = {"sequence_length": lengths, "initial_state": state, **_hyper(name)}

@@ -111,7 +111,7 @@ class Variant:
     float32 and float64 store what they compute (no conversion). float16 loads widen by ``np.float32``
     and stores round by numba's own cast (round to nearest even); bfloat16 arrays are uint16 bit
     patterns, widened by ``_bf16_to_f32`` and rounded by ``_f32_to_bf16``
-    (:func:`cellgen.backends.cuda.precision.device_functions`, bound by ``_cuda_kernels``).
+    (:func:`cellgen.backends.cuda.precision.device_functions`, bound by the module's ``_cuda_bind``).
     """
 
     storage: str
