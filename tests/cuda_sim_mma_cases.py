@@ -130,20 +130,41 @@ def test_mma_layout_table_matches_the_isa_formulas() -> None:
         assert [mma.c_index(lane, i) for i in range(4)] == [_isa_c(lane, i) for i in range(4)]
 
 
-@pytest.mark.parametrize("storage", precision.HALF)
-@pytest.mark.parametrize(("rows", "inner", "cols", "transpose_a"), [
-    (37, 45, 53, False),  # one block, 3 K tiles, every edge ragged
-    (70, 17, 5, False),  # two row blocks, a 1-wide last K tile
-    (1, 1, 66, False),  # one row, K = 1, two column blocks
-    (37, 20, 9, True),  # a given as [K, M]: the weight gradients' a^T @ w
-])
-def test_matmul_half_storage(storage: str, rows: int, inner: int, cols: int, transpose_a: bool) -> None:
+def _gemm(rows: int, inner: int, cols: int, storage: str, transpose_a: bool, simt: bool = False) -> float:
+    """One GEMM at these sizes (tensor cores, or the SIMT kernel) checked against float64; the worst
+    error as a fraction of the bound."""
     a, w, bias, (a64, w64) = _operands(rows, inner, cols, storage, seed=rows + inner + cols, transpose_a=transpose_a)
     cuda = rt.numba_cuda()
     c = rt.empty((rows, cols), np.float32)
-    gemm.matmul(cuda.to_device(a), cuda.to_device(w), cuda.to_device(bias), c, transpose_a=transpose_a,
-                storage=storage)
-    _check(c.copy_to_host(), a64.T if transpose_a else a64, w64, bias)
+    args = (cuda.to_device(a), cuda.to_device(w), cuda.to_device(bias), c)
+    if simt:
+        grid = (rt.blocks(cols, gemm.TILE), rt.blocks(rows, gemm.TILE))
+        gemm.kernel(np.float32, transpose_a, storage)[grid, gemm.BLOCK](*args)
+    else:
+        gemm.matmul(*args, transpose_a=transpose_a, storage=storage)
+    return _check(c.copy_to_host(), a64.T if transpose_a else a64, w64, bias)
+
+
+@pytest.mark.parametrize(("storage", "rows", "inner", "cols", "transpose_a"), [
+    (s, *shape) for s in precision.HALF for shape in [
+        (37, 45, 53, False),  # one block, 2 K tiles of 32 (the second 13 deep, odd), every edge ragged
+        (70, 17, 5, False),  # two row blocks, one ragged K tile, 5 columns (in the first n8 tile)
+        (1, 1, 66, False),  # one row, K = 1, two column blocks
+        (37, 20, 9, True),  # a given as [K, M]: the weight gradients' a^T @ w
+    ]] + [
+    ("float16", 70, 40, 66, False),  # 2 x 2 blocks, 2 K tiles: every block's edges (one storage: the
+    ("bfloat16", 66, 45, 9, True),  # kernels differ in the MMA's type only); transposed, 2 row blocks
+])
+def test_tensor_core_gemm(storage: str, rows: int, inner: int, cols: int, transpose_a: bool) -> None:
+    assert gemm.tensor_cores()  # the simulator runs the emulated MMA
+    _gemm(rows, inner, cols, storage, transpose_a)
+
+
+@pytest.mark.parametrize("storage", precision.HALF)
+@pytest.mark.parametrize(("rows", "inner", "cols", "transpose_a"), [(37, 20, 70, False), (37, 20, 9, True)])
+def test_simt_gemm_half_storage(storage: str, rows: int, inner: int, cols: int, transpose_a: bool) -> None:
+    # the fallback for GPUs without m16n8k16 (before sm_80): loads widened to float32, SIMT FMAs
+    _gemm(rows, inner, cols, storage, transpose_a, simt=True)
 
 
 @pytest.mark.parametrize("storage", precision.HALF)

@@ -13,9 +13,20 @@ added before the store.
 
 Half storage (``storage="float16"`` / ``"bfloat16"``, :mod:`cellgen.backends.cuda.precision`):
 ``a`` and ``w`` hold the 16-bit storage (uint16 patterns for bfloat16), ``bias`` and ``c`` are
-float32; every load is widened to float32 on its way into shared memory and the products
-accumulate in float32. float32 and float64 (``storage=None``: the dtype of ``c``) compile as
-before: their widening is a cast of a value to its own type, which numba drops.
+float32, the accumulation float32. On the device (sm_80 and newer) and in the simulator they run
+on tensor cores (:func:`mma_source`, docs/gpu.md "Tensor cores"); on an older GPU the SIMT kernel
+above widens every load to float32 on its way into shared memory. float32 and float64
+(``storage=None``: the dtype of ``c``) compile as before: their widening is a cast of a value to
+its own type, which numba drops.
+
+The tensor-core kernel: :data:`MMA_TILE_M` x :data:`MMA_TILE_N` outputs per block of
+:data:`MMA_THREADS` threads (4 warps, 2 x 2, each a 32 x 32 sub-tile of 2 x 4 ``m16n8k16`` MMAs,
+32 float32 accumulators per thread), K tile :data:`MMA_TILE_K`. Both operand tiles sit in shared
+memory as 32-bit words of two K-adjacent 16-bit elements (the MMA's register format), A as
+[row][k pair] and W transposed, [column][k pair]; word column ``q`` of row ``r`` is stored at
+``q ^ swizzle(r)`` (:func:`swizzle`), which makes both the fragment reads and the tile stores free
+of bank conflicts without padding. Each thread loads its next K tile into registers (16 global
+loads in flight, zero outside M, N, K) before the warps multiply the current one.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from cellgen.backends.cuda import precision
+from cellgen.backends.cuda import mma, precision
 from cellgen.backends.cuda import runtime as rt
 
 #: Outputs per block along each side, threads per block along each side, the K tile.
@@ -39,8 +50,14 @@ TILE_ELEMENTS, BLOCK_THREADS = TILE * TILE_K, THREADS * THREADS
 BLOCK = (THREADS, THREADS)
 ARGS = (("a", "array2"), ("w", "array2"), ("bias", "array1"), ("c", "array2"))
 
+#: The tensor-core kernel: block tile, K tile, threads (4 warps), 32-bit words per tile row, words per thread.
+MMA_TILE_M, MMA_TILE_N, MMA_TILE_K, MMA_THREADS = 64, 64, 32, 128
+MMA_WORDS = MMA_TILE_K // 2
+MMA_PER_THREAD = MMA_TILE_M * MMA_WORDS // MMA_THREADS
+MMA_BLOCK = (MMA_THREADS,)
+
 cuda = None  # numba.cuda, bound by kernel() (the kernel source reads it; the simulator swaps it)
-_JITTED: dict[tuple[str, bool], Any] = {}
+_JITTED: dict[tuple[str, bool, bool], Any] = {}
 
 
 def _widen(storage: str) -> Callable:
@@ -110,14 +127,148 @@ def source(dtype, transpose_a: bool = False, storage: str | None = None) -> Call
     return hoisted_gemm
 
 
+def swizzle(row):
+    """The XOR applied to a word column of tile row (or column) ``row``: bits 1-2 of the row to
+    bits 2-3 of the word, bits 3-4 to bits 0-1. A warp's fragment read (8 rows g, 4 words t) and a
+    warp's tile store (32 consecutive rows, one word; or 2 rows, 16 words) then touch 32 different
+    banks: rows of 16 words put row parity on bank bit 4, and the XOR keeps the other 4 bits apart."""
+    return ((row & np.uint32(6)) << np.uint32(1)) | ((row >> np.uint32(3)) & np.uint32(3))
+
+
+def mma_source(storage: str, transpose_a: bool = False) -> Callable:
+    """The tensor-core GEMM for half ``storage`` as a plain function (``cuda.jit`` compiles it; so does
+    ``cellgen inspect``): ``c[M, N] = a[M, K] @ w[K, N] + bias`` with ``a`` and ``w`` the 16-bit
+    patterns (uint16) of ``storage``, ``bias`` and ``c`` float32 (module docstring). ``transpose_a``:
+    ``a`` is given as [K, M]. The MMA and the pack are :mod:`cellgen.backends.cuda.mma`'s."""
+    ops = mma.device_functions(cuda, rt.simulated(), storage)
+    product, pack = ops.mma, ops.pack
+    swz = cuda.jit(device=True)(swizzle)
+    nothing = np.uint16(0)
+
+    def hoisted_gemm_mma(a, w, bias, c):
+        """c = a @ w + bias on tensor cores: 64x64 block tile, 4 warps of 32x32, K tile 32."""
+        _tid = np.uint32(cuda.threadIdx.x)
+        _g = (_tid & np.uint32(31)) >> np.uint32(2)
+        _t = _tid & np.uint32(3)
+        _sg = (_g & np.uint32(6)) << np.uint32(1)  # swizzle(row) of a fragment row: _sg | (row >> 3 & 3)
+        _wm = (_tid >> np.uint32(6)) * np.uint32(32)
+        _wn = ((_tid >> np.uint32(5)) & np.uint32(1)) * np.uint32(32)
+        _m0 = np.uint32(cuda.blockIdx.y) * np.uint32(MMA_TILE_M)
+        _n0 = np.uint32(cuda.blockIdx.x) * np.uint32(MMA_TILE_N)
+        _M = np.uint32(c.shape[0])
+        _N = np.uint32(c.shape[1])
+        _K = np.uint32(a.shape[0] if transpose_a else a.shape[1])
+        # the words this thread loads and stores: row/column _r* + step * per step, word _q* + step * per step
+        _ra = (_tid & np.uint32(63)) if transpose_a else (_tid >> np.uint32(4))
+        _qa = (_tid >> np.uint32(6)) if transpose_a else (_tid & np.uint32(15))
+        _rn = _tid & np.uint32(63)
+        _qn = _tid >> np.uint32(6)
+        _sa = cuda.shared.array((MMA_TILE_M, MMA_WORDS), np.uint32)
+        _sw = cuda.shared.array((MMA_TILE_N, MMA_WORDS), np.uint32)
+        _acc = cuda.local.array((2, 4, 4), np.float32)
+        _va = cuda.local.array(MMA_PER_THREAD, np.uint32)
+        _vw = cuda.local.array(MMA_PER_THREAD, np.uint32)
+        _fa = cuda.local.array((2, 4), np.uint32)
+        _fb = cuda.local.array((4, 2), np.uint32)
+        for _i in range(2):
+            for _j in range(4):
+                for _e in range(4):
+                    _acc[_i, _j, _e] = np.float32(0.0)
+        _tiles = (_K + np.uint32(MMA_TILE_K - 1)) // np.uint32(MMA_TILE_K)
+        for _step in range(_tiles + np.uint32(1)):
+            if _step > 0:  # the registers hold tile _step - 1: into shared memory
+                cuda.syncthreads()
+                for _s in range(MMA_PER_THREAD):
+                    if transpose_a:
+                        _r = _ra
+                        _q = _qa + np.uint32(2 * _s)
+                    else:
+                        _r = _ra + np.uint32(8 * _s)
+                        _q = _qa
+                    _sa[_r, _q ^ swz(_r)] = _va[_s]
+                    _q = _qn + np.uint32(2 * _s)
+                    _sw[_rn, _q ^ swz(_rn)] = _vw[_s]
+                cuda.syncthreads()
+            if _step < _tiles:  # tile _step into registers: every load before the multiply below
+                _k0 = np.uint32(_step * MMA_TILE_K)
+                for _s in range(MMA_PER_THREAD):
+                    if transpose_a:
+                        _m = _m0 + _ra
+                        _k = _k0 + np.uint32(2) * (_qa + np.uint32(2 * _s))
+                        _lo = a[_k, _m] if _m < _M and _k < _K else nothing
+                        _hi = a[_k + np.uint32(1), _m] if _m < _M and _k + np.uint32(1) < _K else nothing
+                    else:
+                        _m = _m0 + _ra + np.uint32(8 * _s)
+                        _k = _k0 + np.uint32(2) * _qa
+                        _lo = a[_m, _k] if _m < _M and _k < _K else nothing
+                        _hi = a[_m, _k + np.uint32(1)] if _m < _M and _k + np.uint32(1) < _K else nothing
+                    _va[_s] = pack(_lo, _hi)
+                    _n = _n0 + _rn
+                    _k = _k0 + np.uint32(2) * (_qn + np.uint32(2 * _s))
+                    _lo = w[_k, _n] if _k < _K and _n < _N else nothing
+                    _hi = w[_k + np.uint32(1), _n] if _k + np.uint32(1) < _K and _n < _N else nothing
+                    _vw[_s] = pack(_lo, _hi)
+            if _step > 0:  # the warps multiply tile _step - 1: two k16 steps of 2 x 4 MMAs
+                for _ks in range(2):
+                    _kw = np.uint32(8 * _ks) + _t
+                    for _i in range(2):
+                        _r = _wm + np.uint32(16 * _i) + _g
+                        _fa[_i, 0] = _sa[_r, _kw ^ (_sg | np.uint32(2 * _i))]
+                        _fa[_i, 1] = _sa[_r + np.uint32(8), _kw ^ (_sg | np.uint32(2 * _i + 1))]
+                        _fa[_i, 2] = _sa[_r, (_kw + np.uint32(4)) ^ (_sg | np.uint32(2 * _i))]
+                        _fa[_i, 3] = _sa[_r + np.uint32(8), (_kw + np.uint32(4)) ^ (_sg | np.uint32(2 * _i + 1))]
+                    for _j in range(4):
+                        _n = _wn + np.uint32(8 * _j) + _g
+                        _fb[_j, 0] = _sw[_n, _kw ^ (_sg | np.uint32(_j))]
+                        _fb[_j, 1] = _sw[_n, (_kw + np.uint32(4)) ^ (_sg | np.uint32(_j))]
+                    for _i in range(2):
+                        for _j in range(4):
+                            _d = product(_fa[_i, 0], _fa[_i, 1], _fa[_i, 2], _fa[_i, 3], _fb[_j, 0], _fb[_j, 1],
+                                         _acc[_i, _j, 0], _acc[_i, _j, 1], _acc[_i, _j, 2], _acc[_i, _j, 3])
+                            _acc[_i, _j, 0] = _d[0]
+                            _acc[_i, _j, 1] = _d[1]
+                            _acc[_i, _j, 2] = _d[2]
+                            _acc[_i, _j, 3] = _d[3]
+        for _i in range(2):
+            for _j in range(4):
+                for _e in range(4):
+                    _m = _m0 + _wm + np.uint32(16 * _i + 8 * (_e >> 1)) + _g
+                    _n = _n0 + _wn + np.uint32(8 * _j + (_e & 1)) + np.uint32(2) * _t
+                    if _m < _M and _n < _N:
+                        c[_m, _n] = _acc[_i, _j, _e] + bias[_n]
+
+    return hoisted_gemm_mma
+
+
 def kernel(dtype, transpose_a: bool = False, storage: str | None = None) -> Any:
     """The jitted GEMM for ``dtype`` (or half ``storage``): imports numba.cuda (and binds ``cuda``) on first use."""
     global cuda
-    key = (storage or np.dtype(dtype).name, transpose_a)
+    key = (storage or np.dtype(dtype).name, transpose_a, False)
     if key not in _JITTED:
         cuda = rt.numba_cuda()
         _JITTED[key] = cuda.jit(source(dtype, transpose_a, storage))
     return _JITTED[key]
+
+
+def mma_kernel(storage: str, transpose_a: bool = False) -> Any:
+    """The jitted tensor-core GEMM for half ``storage``: imports numba.cuda (and binds ``cuda``) on first use."""
+    global cuda
+    key = (storage, transpose_a, True)
+    if key not in _JITTED:
+        cuda = rt.numba_cuda()
+        _JITTED[key] = cuda.jit(mma_source(storage, transpose_a))
+    return _JITTED[key]
+
+
+def tensor_cores() -> bool:
+    """Whether half storage runs on tensor cores: in the simulator (the emulated MMA) and on sm_80+."""
+    module = rt.numba_cuda()
+    return rt.simulated() or tuple(module.get_current_device().compute_capability) >= (8, 0)
+
+
+def _bits(x) -> Any:
+    """A device array of half storage as the 16-bit patterns the tensor-core kernel reads (uint16)."""
+    return x if np.dtype(x.dtype) == np.uint16 else x.view(np.uint16)
 
 
 def _check_storage(storage: str, operands: tuple, out) -> None:
@@ -139,7 +290,12 @@ def matmul(a, w, bias, c, transpose_a: bool = False, storage: str | None = None)
     """
     if storage is not None:
         _check_storage(storage, (a, w), c)
-    if c.shape[0] and c.shape[1]:
+    if not (c.shape[0] and c.shape[1]):
+        return c
+    if storage is not None and tensor_cores():
+        grid = (rt.blocks(c.shape[1], MMA_TILE_N), rt.blocks(c.shape[0], MMA_TILE_M))
+        mma_kernel(storage, transpose_a)[grid, MMA_BLOCK](_bits(a), _bits(w), bias, c)
+    else:
         grid = (rt.blocks(c.shape[1], TILE), rt.blocks(c.shape[0], TILE))
         kernel(c.dtype, transpose_a, storage)[grid, BLOCK](a, w, bias, c)
     return c
