@@ -156,6 +156,7 @@ def _gemm(rows: int, inner: int, cols: int, storage: str, transpose_a: bool, sim
         (37, 45, 53, False),  # one block, 2 K tiles of 32 (the second 13 deep, odd), every edge ragged
         (70, 17, 5, False),  # two row blocks, one ragged K tile, 5 columns (in the first n8 tile)
         (1, 1, 66, False),  # one row, K = 1, two column blocks
+        (5, 0, 7, False),  # K = 0: no K tile, c = bias
         (37, 20, 9, True),  # a given as [K, M]: the weight gradients' a^T @ w
     ]] + [
     ("float16", 70, 40, 66, False),  # 2 x 2 blocks, 2 K tiles: every block's edges (one storage: the
@@ -189,5 +190,9 @@ def test_half_storage_checks_the_operand_dtypes() -> None:
     a = cuda.to_device(np.zeros((2, 3), np.float32))
     with pytest.raises(ValueError, match="float16"):
         gemm.matmul(a, a, cuda.to_device(np.zeros(3, np.float32)), rt.empty((2, 3), np.float32), storage="float16")
+    half = cuda.to_device(np.zeros((2, 3), np.float16))
+    with pytest.raises(ValueError, match="bias and c float32"):
+        gemm.matmul(half, half, cuda.to_device(np.zeros(3, np.float64)), rt.empty((2, 3), np.float32),
+                    storage="float16")
     with pytest.raises(ValueError, match="storage must be"):
         gemm.matmul(a, a, cuda.to_device(np.zeros(3, np.float32)), rt.empty((2, 3), np.float32), storage="int8")

@@ -296,14 +296,14 @@ def _flat(x) -> Any:
     return flat if np.dtype(flat.dtype) == np.uint16 else flat.view(np.uint16)
 
 
-def _check_storage(storage: str, operands: tuple, out) -> None:
-    """Half storage: the operands hold its device dtype, the output is float32 (a ValueError otherwise)."""
+def _check_storage(storage: str, operands: tuple, wide: tuple) -> None:
+    """Half storage: the operands hold its device dtype, bias and output are float32 (a ValueError otherwise)."""
     if storage not in precision.HALF:
         raise ValueError(f"storage must be None, float16 or bfloat16, got {storage!r}")
     held = precision.device_dtype(storage)
-    if any(np.dtype(x.dtype) != held for x in operands) or np.dtype(out.dtype) != np.float32:
-        raise ValueError(f"storage={storage}: a and w must be {held.name} and c float32, got "
-                         f"{', '.join(np.dtype(x.dtype).name for x in (*operands, out))}")
+    if any(np.dtype(x.dtype) != held for x in operands) or any(np.dtype(x.dtype) != np.float32 for x in wide):
+        raise ValueError(f"storage={storage}: a and w must be {held.name}, bias and c float32, got "
+                         f"{', '.join(np.dtype(x.dtype).name for x in (*operands, *wide))}")
 
 
 def matmul(a, w, bias, c, transpose_a: bool = False, storage: str | None = None) -> Any:
@@ -314,7 +314,7 @@ def matmul(a, w, bias, c, transpose_a: bool = False, storage: str | None = None)
     ``bias`` and ``c`` are float32, the accumulation float32.
     """
     if storage is not None:
-        _check_storage(storage, (a, w), c)
+        _check_storage(storage, (a, w), (bias, c))
     if not (c.shape[0] and c.shape[1]):
         return c
     if storage is not None and tensor_cores():
