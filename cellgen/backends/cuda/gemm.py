@@ -25,8 +25,9 @@ The tensor-core kernel: :data:`MMA_TILE_M` x :data:`MMA_TILE_N` outputs per bloc
 memory as 32-bit words of two K-adjacent 16-bit elements (the MMA's register format), A as
 [row][k pair] and W transposed, [column][k pair]; word column ``q`` of row ``r`` is stored at
 ``q ^ swizzle(r)`` (:func:`swizzle`), which makes both the fragment reads and the tile stores free
-of bank conflicts without padding. Each thread loads its next K tile into registers (16 global
-loads in flight, zero outside M, N, K) before the warps multiply the current one.
+of bank conflicts without padding. Each thread loads its next K tile into registers (32 16-bit
+global loads in flight, zero outside M, N, K) before the warps multiply the current one. Its
+offsets are 32-bit: operands of 2^32 elements or more (8 GiB) take the SIMT kernel.
 """
 
 from __future__ import annotations
@@ -317,7 +318,7 @@ def matmul(a, w, bias, c, transpose_a: bool = False, storage: str | None = None)
         _check_storage(storage, (a, w), (bias, c))
     if not (c.shape[0] and c.shape[1]):
         return c
-    if storage is not None and tensor_cores():
+    if storage is not None and max(a.size, w.size) < 2**32 and tensor_cores():
         grid = (rt.blocks(c.shape[1], MMA_TILE_N), rt.blocks(c.shape[0], MMA_TILE_M))
         k = a.shape[0] if transpose_a else a.shape[1]
         mma_kernel(storage, transpose_a)[grid, MMA_BLOCK](_flat(a), _flat(w), bias, c, k)
