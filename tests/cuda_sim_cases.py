@@ -381,7 +381,7 @@ def test_unfused_fallback_kernels(tmp_path: Path, dtype) -> None:
     # no persistent kernel (elementwise kernels have no GEMM to keep on chip): the per-step kernels, and for
     # B <= 16 their all-rows variants
     assert forward == {"epilogue0", "stage0", "epilogue1", "epilogue0_all", "stage0_all", "epilogue1_all"}
-    assert mod._CUDA_RUNTIME == ("hoisted", "hoisted_tn")
+    assert mod._CUDA_RUNTIME[:2] == ("hoisted", "hoisted_tn")  # + their tensor-core kernels
     rng = np.random.default_rng(4)
     params = mod.init_params(3, 7, num_proj=5, dtype=dtype, seed=0)
     inputs = rng.standard_normal((5, 4, 3)).astype(dtype)

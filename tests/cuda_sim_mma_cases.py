@@ -2,7 +2,9 @@
 
 Like ``cuda_sim_cases.py``, these run in a process of their own with ``NUMBA_ENABLE_CUDASIM=1``
 (numba picks the simulator when ``numba.cuda`` is first imported; pytest does not collect this
-file by itself): ``NUMBA_ENABLE_CUDASIM=1 python -m pytest -q tests/cuda_sim_mma_cases.py``.
+file by itself): ``NUMBA_ENABLE_CUDASIM=1 python -m pytest -q tests/cuda_sim_mma_cases.py``. On a
+machine with an sm_80+ GPU the same file without the variable runs the real ``mma.sync`` (the
+fragment layout on silicon) and the tensor-core GEMM, at twice the bound below (:data:`SLACK`).
 
 What is checked: the simulator's emulation of the warp-level ``mma.sync.aligned.m16n8k16``
 (:mod:`cellgen.backends.cuda.mma`) against NumPy, every lane packing its fragment by the PTX
@@ -27,6 +29,9 @@ from cellgen.backends.cuda import gemm, mma, precision
 from cellgen.backends.cuda import runtime as rt
 
 U32 = 2.0 ** -24  # float32's unit roundoff
+#: The bound's factor: 1 in the simulator (float32 round-to-nearest sums); 2 on a GPU, whose tensor cores
+#: document only "at least float32" accumulation (room for truncating adds).
+SLACK = 1 if rt.simulated() else 2
 cuda = None  # numba.cuda (the simulator), bound by _mma_kernel: a kernel's global, which the simulator swaps
 
 
@@ -44,7 +49,7 @@ def _check(got: np.ndarray, a64: np.ndarray, w64: np.ndarray, bias: np.ndarray) 
     """Assert the float32-summation bound element by element; the worst error as a fraction of it."""
     want = a64 @ w64 + bias
     scale = np.abs(a64) @ np.abs(w64) + np.abs(bias)
-    bound = (a64.shape[1] + 1) * U32 * scale
+    bound = SLACK * (a64.shape[1] + 1) * U32 * scale
     assert got.dtype == np.float32 and got.shape == want.shape
     err = np.abs(got.astype(np.float64) - want)
     assert np.all(err <= bound), float(np.max(err / bound))
@@ -80,16 +85,17 @@ def _fragments(a: np.ndarray, b: np.ndarray, c: np.ndarray):
 
 
 def _mma_kernel(storage: str):
-    """Each thread packs its lane's fragments (warp w reads operand set w) and stores its 4 D elements."""
+    """Each thread packs its lane's fragments (warp w reads operand set w) and stores its 4 D elements:
+    the emulation in the simulator, the instruction itself on a GPU (this file without the variable)."""
     global cuda
     cuda = rt.numba_cuda()
-    ops = mma.device_functions(cuda, True, storage)
+    ops = mma.device_functions(cuda, rt.simulated(), storage)
+    p, product = ops.pack, ops.mma  # closure constants (numba types functions, not a namespace)
 
     def kernel(fa, fb, fc, out):
         tid = cuda.threadIdx.x
         w, lane = tid // 32, tid % 32
-        p = ops.pack
-        d = ops.mma(p(fa[w, lane, 0], fa[w, lane, 1]), p(fa[w, lane, 2], fa[w, lane, 3]),
+        d = product(p(fa[w, lane, 0], fa[w, lane, 1]), p(fa[w, lane, 2], fa[w, lane, 3]),
                     p(fa[w, lane, 4], fa[w, lane, 5]), p(fa[w, lane, 6], fa[w, lane, 7]),
                     p(fb[w, lane, 0], fb[w, lane, 1]), p(fb[w, lane, 2], fb[w, lane, 3]),
                     fc[w, lane, 0], fc[w, lane, 1], fc[w, lane, 2], fc[w, lane, 3])
@@ -120,7 +126,7 @@ def test_mma_emulation_matches_numpy(storage: str) -> None:
         for lane in range(32):
             for i in range(4):
                 got[_isa_c(lane, i)] = out[w, lane, i]
-        assert np.all(np.abs(got - want) <= 17 * U32 * scale), np.max(np.abs(got - want) / scale)
+        assert np.all(np.abs(got - want) <= SLACK * 17 * U32 * scale), np.max(np.abs(got - want) / scale)
 
 
 def test_mma_layout_table_matches_the_isa_formulas() -> None:
@@ -130,20 +136,42 @@ def test_mma_layout_table_matches_the_isa_formulas() -> None:
         assert [mma.c_index(lane, i) for i in range(4)] == [_isa_c(lane, i) for i in range(4)]
 
 
-@pytest.mark.parametrize("storage", precision.HALF)
-@pytest.mark.parametrize(("rows", "inner", "cols", "transpose_a"), [
-    (37, 45, 53, False),  # one block, 3 K tiles, every edge ragged
-    (70, 17, 5, False),  # two row blocks, a 1-wide last K tile
-    (1, 1, 66, False),  # one row, K = 1, two column blocks
-    (37, 20, 9, True),  # a given as [K, M]: the weight gradients' a^T @ w
-])
-def test_matmul_half_storage(storage: str, rows: int, inner: int, cols: int, transpose_a: bool) -> None:
+def _gemm(rows: int, inner: int, cols: int, storage: str, transpose_a: bool, simt: bool = False) -> float:
+    """One GEMM at these sizes (tensor cores, or the SIMT kernel) checked against float64; the worst
+    error as a fraction of the bound."""
     a, w, bias, (a64, w64) = _operands(rows, inner, cols, storage, seed=rows + inner + cols, transpose_a=transpose_a)
     cuda = rt.numba_cuda()
     c = rt.empty((rows, cols), np.float32)
-    gemm.matmul(cuda.to_device(a), cuda.to_device(w), cuda.to_device(bias), c, transpose_a=transpose_a,
-                storage=storage)
-    _check(c.copy_to_host(), a64.T if transpose_a else a64, w64, bias)
+    args = (cuda.to_device(a), cuda.to_device(w), cuda.to_device(bias), c)
+    if simt:
+        grid = (rt.blocks(cols, gemm.TILE), rt.blocks(rows, gemm.TILE))
+        gemm.kernel(np.float32, transpose_a, storage)[grid, gemm.BLOCK](*args)
+    else:
+        gemm.matmul(*args, transpose_a=transpose_a, storage=storage)
+    return _check(c.copy_to_host(), a64.T if transpose_a else a64, w64, bias)
+
+
+@pytest.mark.parametrize(("storage", "rows", "inner", "cols", "transpose_a"), [
+    (s, *shape) for s in precision.HALF for shape in [
+        (37, 45, 53, False),  # one block, 2 K tiles of 32 (the second 13 deep, odd), every edge ragged
+        (70, 17, 5, False),  # two row blocks, one ragged K tile, 5 columns (in the first n8 tile)
+        (1, 1, 66, False),  # one row, K = 1, two column blocks
+        (5, 0, 7, False),  # K = 0: no K tile, c = bias
+        (37, 20, 9, True),  # a given as [K, M]: the weight gradients' a^T @ w
+    ]] + [
+    ("float16", 70, 40, 66, False),  # 2 x 2 blocks, 2 K tiles: every block's edges (one storage: the
+    ("bfloat16", 66, 45, 9, True),  # kernels differ in the MMA's type only); transposed, 2 row blocks
+])
+def test_tensor_core_gemm(storage: str, rows: int, inner: int, cols: int, transpose_a: bool) -> None:
+    assert gemm.tensor_cores()  # the simulator runs the emulated MMA
+    _gemm(rows, inner, cols, storage, transpose_a)
+
+
+@pytest.mark.parametrize("storage", precision.HALF)
+@pytest.mark.parametrize(("rows", "inner", "cols", "transpose_a"), [(37, 20, 70, False), (37, 20, 9, True)])
+def test_simt_gemm_half_storage(storage: str, rows: int, inner: int, cols: int, transpose_a: bool) -> None:
+    # the fallback for GPUs without m16n8k16 (before sm_80): loads widened to float32, SIMT FMAs
+    _gemm(rows, inner, cols, storage, transpose_a, simt=True)
 
 
 @pytest.mark.parametrize("storage", precision.HALF)
@@ -162,5 +190,9 @@ def test_half_storage_checks_the_operand_dtypes() -> None:
     a = cuda.to_device(np.zeros((2, 3), np.float32))
     with pytest.raises(ValueError, match="float16"):
         gemm.matmul(a, a, cuda.to_device(np.zeros(3, np.float32)), rt.empty((2, 3), np.float32), storage="float16")
+    half = cuda.to_device(np.zeros((2, 3), np.float16))
+    with pytest.raises(ValueError, match="bias and c float32"):
+        gemm.matmul(half, half, cuda.to_device(np.zeros(3, np.float64)), rt.empty((2, 3), np.float32),
+                    storage="float16")
     with pytest.raises(ValueError, match="storage must be"):
         gemm.matmul(a, a, cuda.to_device(np.zeros(3, np.float32)), rt.empty((2, 3), np.float32), storage="int8")

@@ -7,8 +7,9 @@ from those and the kernel's block size with each architecture's per-SM limits; `
 the SASS instruction mix (:mod:`cellgen.tools.sass_mix`).
 
 Every generated module's own kernels (``_CUDA_SOURCES``), and once the runtime's kernels the
-modules launch (``_CUDA_RUNTIME``: the hoisted GEMM of :mod:`cellgen.backends.cuda.gemm`),
-reported under the cell name ``runtime``.
+modules launch (``_CUDA_RUNTIME``: the hoisted GEMM of :mod:`cellgen.backends.cuda.gemm`, SIMT per
+dtype, and its tensor-core kernels for float16 / bfloat16 storage, once each), reported under the
+cell name ``runtime``.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def signature(kinds, dtype: str, storage_args: tuple[str, ...] = ()):
 
     real = getattr(types, precision.compute_name(dtype))
     stored = types.uint16 if dtype == "bfloat16" else getattr(types, dtype)
-    table = {"int": types.int64, "real": real, "lengths": types.Array(types.int64, 1, "C")}
+    table = {"int": types.int64, "real": real, "lengths": types.Array(types.int64, 1, "C"),
+             "bits1": types.Array(types.uint16, 1, "C")}  # half storage as 16-bit patterns, flat
 
     def array(name: str, kind: str):
         held = stored if dtype in precision.HALF and name in storage_args else real
@@ -179,8 +181,9 @@ def _compiling_for(cc: tuple[int, int]) -> Iterator[None]:
 
 
 def _report(cell: str, kernel: str, fn, kinds, block, dtype: str, arch: str, mix: bool = False,
-            storage_args: tuple[str, ...] = ()) -> KernelReport:
-    """Compile one plain kernel function for ``dtype`` and ``arch`` and read its SASS figures."""
+            storage_args: tuple[str, ...] = (), label: str | None = None) -> KernelReport:
+    """Compile one plain kernel function for ``dtype`` and ``arch`` and read its SASS figures (reported
+    under the dtype ``label`` where given: a tensor-core GEMM's arguments are typed from float32)."""
     import numpy as np
     from numba import cuda
 
@@ -188,7 +191,7 @@ def _report(cell: str, kernel: str, fn, kinds, block, dtype: str, arch: str, mix
         ptx, _ = cuda.compile_ptx(fn, signature(kinds, dtype, storage_args), cc=ARCHS[arch]["cc"])
     info = link_info(ptx, arch, kernel)
     threads = int(np.prod(block))
-    return KernelReport(cell, kernel, dtype, arch, tuple(block), info["registers"], info["spill_stores"],
+    return KernelReport(cell, kernel, label or dtype, arch, tuple(block), info["registers"], info["spill_stores"],
                         info["spill_loads"], info["stack"], info["smem"],
                         occupancy(arch, threads, info["registers"], info["smem"]),
                         instruction_mix(disassemble(ptx, arch)) if mix else None)
@@ -207,25 +210,44 @@ def inspect_module(module: ModuleType, archs: list[str], dtypes: list[str], mix:
             if kernels is None or kernel in kernels for arch in archs]
 
 
-def inspect_runtime(names: list[str], archs: list[str], dtypes: list[str], mix: bool = False) -> list[KernelReport]:
-    """Compile the runtime's kernels ``names`` (a module's ``_CUDA_RUNTIME``) for each dtype and architecture."""
-    from numba import cuda
-
+def runtime_kernels() -> dict[str, tuple]:
+    """The runtime's kernels by ``_CUDA_RUNTIME`` name: (source for a dtype, argument kinds, block,
+    half storage or None). The tensor-core GEMMs (``hoisted_mma_f16`` ...) have one storage each and
+    compile once, whatever the dtypes asked for."""
     from cellgen.backends.cuda import gemm
 
-    from cellgen.backends.cuda import precision
+    kernels = {"hoisted": (gemm.source, gemm.ARGS, gemm.BLOCK, None),
+               "hoisted_tn": (lambda dtype: gemm.source(dtype, transpose_a=True), gemm.ARGS, gemm.BLOCK, None)}
+    for storage, tag in (("float16", "f16"), ("bfloat16", "bf16")):
+        for transpose, name in ((False, "hoisted"), (True, "hoisted_tn")):
+            kernels[f"{name}_mma_{tag}"] = (lambda dtype, s=storage, t=transpose: gemm.mma_source(s, t),
+                                            gemm.MMA_ARGS, gemm.MMA_BLOCK, storage)
+    return kernels
+
+
+def inspect_runtime(names: list[str], archs: list[str], dtypes: list[str], mix: bool = False) -> list[KernelReport]:
+    """Compile the runtime's kernels ``names`` (a module's ``_CUDA_RUNTIME``) for each dtype and architecture
+    (a half-storage kernel once, under its storage)."""
+    from numba import cuda
+
+    from cellgen.backends.cuda import gemm, precision
 
     gemm.cuda = cuda  # what gemm.kernel binds before jitting
-    kernels = {"hoisted": (gemm.source, gemm.ARGS, gemm.BLOCK),
-               "hoisted_tn": (lambda dtype: gemm.source(dtype, transpose_a=True), gemm.ARGS, gemm.BLOCK)}
-
-    def made(name: str, dtype: str):  # a half storage: a and w hold it, bias and c float32; no backward GEMM
-        return kernels[name][0](dtype) if dtype not in precision.HALF else gemm.source("float32", storage=dtype)
-
-    return [_report("runtime", name, made(name, dtype), kernels[name][1], kernels[name][2], dtype, arch, mix,
-                    ("a", "w"))
-            for dtype in dtypes for name in names for arch in archs
-            if dtype not in precision.HALF or name == "hoisted"]
+    kernels = runtime_kernels()
+    reports = []
+    for dtype in dtypes:
+        for name in names:
+            source, kinds, block, storage = kernels[name]
+            if storage and dtype != dtypes[0]:
+                continue
+            if dtype in precision.HALF and not storage:  # the SIMT GEMM's storage variant; no half backward
+                if name == "hoisted":
+                    reports += [_report("runtime", name, gemm.source("float32", storage=dtype), kinds, block, dtype,
+                                        arch, mix, ("a", "w")) for arch in archs]
+                continue
+            reports += [_report("runtime", name, source(dtype), kinds, block, "float32" if storage else dtype, arch,
+                                mix, label=storage) for arch in archs]
+    return reports
 
 
 def inspect_specs(paths: list[str | Path], archs: list[str], dtypes: list[str], mix: bool = False,
@@ -248,16 +270,16 @@ def table(reports: list[KernelReport]) -> str:
     head = ["| cell | kernel | dtype | arch | block | regs/thread | spill bytes (st/ld) | stack | smem/block "
             "| occupancy |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     if mixed:
-        head = [head[0] + " SASS instrs | LDG | STS | LDS | FMA | int ALU | LDG run | instrs/load |",
-                head[1] + "---:|" * 8]
+        head = [head[0] + " SASS instrs | LDG | STS | LDS | FMA | HMMA | int ALU | LDG run | instrs/load |",
+                head[1] + "---:|" * 9]
     lines = head
     for r in reports:
         line = (f"| {r.cell} | {r.kernel} | {r.dtype} | {r.arch} | {'x'.join(map(str, r.block))} | "
                 f"{r.registers} | {r.spill_stores}/{r.spill_loads} | {r.stack} | {r.smem} | {r.occupancy:.0%} |")
         if mixed and r.mix:
             m = r.mix
-            line += (f" {m.instructions} | {m.ldg} | {m.sts} | {m.lds} | {m.fma} | {m.integer} | {m.ldg_run} | "
-                     f"{m.per_load} |")
+            line += (f" {m.instructions} | {m.ldg} | {m.sts} | {m.lds} | {m.fma} | {m.hmma} | {m.integer} | "
+                     f"{m.ldg_run} | {m.per_load} |")
         lines.append(line)
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 """``cellgen inspect --mix``: a kernel's SASS instruction mix, from nvJitLink's cubin and nvdisasm, no GPU needed.
 
 Static counts over the kernel's SASS (each instruction once, however often it runs): all
-instructions, global loads (``LDG``), shared stores and loads (``STS``, ``LDS``), FMAs and integer
+instructions, global loads (``LDG``), shared stores and loads (``STS``, ``LDS``), tensor-core MMAs
+(``HMMA``), FMAs and integer
 ALU instructions (index math: ``IMAD``, ``IADD3``, ``LEA``, ``SHF``, ``LOP3``, ``ISETP``, ``SEL``...),
 and ``ldg_run``: the most global loads issued, in program order, between two shared stores (loads
 after the last store, an epilogue's, do not count), i.e. how many loads a warp can have in flight
@@ -44,6 +45,7 @@ class Mix:
     integer: int
     ldg_run: int
     per_load: float  # instructions per global load of the loop that loads tiles (its inner loops left out)
+    hmma: int = 0  # tensor-core MMAs (HMMA: mma.sync on f16 / bf16)
 
 
 def nvdisasm() -> str:
@@ -106,7 +108,7 @@ def instruction_mix(sass: str) -> Mix:
     >>> text = "/*0000*/ LDG.E R1, desc[UR4][R2.64] ;\\n/*0010*/ @!P0 LDG.E R3, desc[UR4][R4.64] ;\\n" \\
     ...        "/*0020*/ STS [R5], R1 ;\\n/*0030*/ IMAD R6, R7, R8, RZ ;\\n/*0040*/ NOP ;\\n"
     >>> instruction_mix(text)
-    Mix(instructions=4, ldg=2, sts=1, lds=0, fma=0, integer=1, ldg_run=2, per_load=0.0)
+    Mix(instructions=4, ldg=2, sts=1, lds=0, fma=0, integer=1, ldg_run=2, per_load=0.0, hmma=0)
     """
     ops = [o for o in opcodes(sass) if o != "NOP"]
     counts = Counter(ops)
@@ -118,7 +120,7 @@ def instruction_mix(sass: str) -> Mix:
             longest, run = max(longest, run), 0
     integer = sum(n for op, n in counts.items() if op in INTEGER or (op[:1] == "U" and op[1:] in INTEGER))
     return Mix(len(ops), counts["LDG"], counts["STS"], counts["LDS"], sum(counts[op] for op in FMA), integer,
-               longest, per_load(sass))
+               longest, per_load(sass), counts["HMMA"])
 
 
 def loops(sass: str) -> tuple[list[str], list[tuple[int, int]]]:

@@ -36,12 +36,14 @@ C row = g for i < 2, g + 8 for i >= 2, C col = 2t + (i & 1).) ``.row.col``: A is
 
 **The simulator** (:func:`_simulated_mma`) has no warp shuffle and no warp barrier (``syncwarp``):
 each lane writes its six operand registers into a per-block scratch in shared memory indexed by
-(warp, lane), the block synchronises (``syncthreads``), every lane rebuilds its warp's A (16x16) and
-B (16x8) from the 32 lanes' registers with the table above, synchronises again (the scratch is
-then free for the next call), and computes its own four D elements: products of the widened halves
-(exact in float32: 11 x 11 significant bits for float16, 8 x 8 for bfloat16) summed in float32
-with C. So in the simulator every thread of the block must reach every ``mma`` call (true of a
-GEMM whose warps all run the same K loop); on the device only the warp must, as ``.sync.aligned``
+(warp, lane), with its four C values; the block synchronises (``syncthreads``); lane 0 of each
+warp rebuilds the warp's A (16x16), B (16x8) and C (16x8) from the 32 lanes' registers with the
+table above and computes D = A @ B + C in float32 (the products of widened halves are exact in
+float32: 11 x 11 significant bits for float16, 8 x 8 for bfloat16; they are summed in float32),
+written back over C in the scratch; the block synchronises again and every lane reads its own four
+D elements by the same table (the next call writes the scratch only after every lane has read).
+So in the simulator every thread of the block must reach every ``mma`` call (true of a GEMM
+whose warps all run the same K loop); on the device only the warp must, as ``.sync.aligned``
 requires. What the emulation cannot tell: the hardware's summation order and its rounding inside
 the K-sum (tensor cores are documented only to accumulate in at least float32), throughput, and
 that the inline PTX assembles (``compile_ptx`` plus the SASS link check that).
@@ -91,10 +93,11 @@ def _gather_tables() -> tuple[np.ndarray, ...]:
     warp's A and B from its 32 lanes' registers with one NumPy scatter each."""
     a = np.array([a_index(lane, r, h) for lane in range(32) for r in range(A_REGS) for h in range(2)]).T
     b = np.array([b_index(lane, r, h) for lane in range(32) for r in range(B_REGS) for h in range(2)]).T
-    return a[0], a[1], b[0], b[1]
+    c = np.array([c_index(lane, e) for lane in range(32) for e in range(C_REGS)]).T
+    return a[0], a[1], b[0], b[1], c[0], c[1]
 
 
-_A_ROWS, _A_COLS, _B_ROWS, _B_COLS = _gather_tables()
+_A_ROWS, _A_COLS, _B_ROWS, _B_COLS, _C_ROWS, _C_COLS = _gather_tables()
 
 
 # -- host helpers (the emulation's and the tests' arithmetic) --------------------------------------
@@ -114,37 +117,41 @@ def bits_of(values: np.ndarray, storage: str) -> np.ndarray:
     return held.view(np.uint16) if storage == "float16" else held
 
 
-def warp_product(words: np.ndarray, c: np.ndarray, lane: int, storage: str) -> tuple[np.float32, ...]:
-    """One lane's D elements from its warp's operand registers ``words`` [32 lanes, 6] (A regs 0-3,
-    B regs 0-1, uint32) and its own C (4 float32): D = A @ B + C in float32."""
+def warp_product(words: np.ndarray, c: np.ndarray, storage: str) -> np.ndarray:
+    """A warp's D [32 lanes, 4] (float32) from its lanes' operand registers ``words`` [32, 6] (A regs
+    0-3, B regs 0-1, uint32) and accumulators ``c`` [32, 4]: D = A @ B + C, the products exact and
+    summed in float32."""
     words = np.asarray(words, dtype=np.uint32)
     halves = np.stack([words & np.uint32(0xFFFF), words >> np.uint32(16)], axis=-1).astype(np.uint16)
     a = np.zeros((M, K), np.float32)
     b = np.zeros((K, N), np.float32)
     a[_A_ROWS, _A_COLS] = widen(halves[:, :A_REGS].reshape(-1), storage)
     b[_B_ROWS, _B_COLS] = widen(halves[:, A_REGS:].reshape(-1), storage)
-    out = []
-    for element in range(C_REGS):
-        row, col = c_index(lane, element)
-        products = a[row, :] * b[:, col]  # exact in float32
-        out.append(np.float32(np.float32(c[element]) + np.sum(products, dtype=np.float32)))
-    return tuple(out)
+    cm = np.zeros((M, N), np.float32)
+    cm[_C_ROWS, _C_COLS] = np.asarray(c, np.float32).reshape(-1)
+    d = np.matmul(a, b, dtype=np.float32) + cm
+    return d[_C_ROWS, _C_COLS].reshape(32, C_REGS)
 
 
 # -- the simulator's device functions -------------------------------------------------------------
 def _simulated_mma(storage: str) -> Any:
-    """The warp-level MMA for the simulator, as a device function (see the module docstring)."""
+    """The warp-level MMA for the simulator, as a device function (see the module docstring): lane 0
+    of each warp computes the warp's D between two block barriers, every lane then reads its own."""
 
     def mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
-        scratch = cuda.shared.array((MAX_WARPS, 32, A_REGS + B_REGS), np.uint32)
+        regs = cuda.shared.array((MAX_WARPS, 32, A_REGS + B_REGS), np.uint32)
+        acc = cuda.shared.array((MAX_WARPS, 32, C_REGS), np.float32)
         tid = cuda.threadIdx.x + cuda.blockDim.x * (cuda.threadIdx.y + cuda.blockDim.y * cuda.threadIdx.z)
         warp, lane = tid // 32, tid % 32
         for r, word in enumerate((a0, a1, a2, a3, b0, b1)):
-            scratch[warp, lane, r] = word
+            regs[warp, lane, r] = word
+        for r, value in enumerate((c0, c1, c2, c3)):
+            acc[warp, lane, r] = value
         cuda.syncthreads()
-        words = scratch[warp].copy()
+        if lane == 0:
+            acc[warp] = warp_product(regs[warp], acc[warp], storage)
         cuda.syncthreads()
-        return warp_product(words, np.array([c0, c1, c2, c3], np.float32), lane, storage)
+        return tuple(np.float32(x) for x in acc[warp, lane])
 
     return cuda.jit(device=True)(mma)
 
