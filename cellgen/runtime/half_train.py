@@ -4,10 +4,10 @@ half host arrays (``backend="cuda"``).
 A half forward computes in float32 on values of the storage dtype, with float32 working copies of the
 states, and rounds only what it hands back (docs/gpu.md, "Half precision"). So its training is the
 float32 training on those values, widened (exact): the saved activations, the backward's kernels and its
-gradient GEMMs are float32; the outputs and final states are rounded to the storage dtype (the same
-values ``dynamic_rnn`` returns), the incoming adjoints are widened, and every gradient is rounded to the
-storage dtype once, at the end. The weights live on the device in float32 while training (the float32
-training kernels), not in half.
+gradient GEMMs are float32; the outputs and final states are rounded to the storage dtype
+(``dynamic_rnn``'s values but for the hoisted GEMM's summation order: the half forward's runs on tensor
+cores), the incoming adjoints are widened, and every gradient is rounded to the storage dtype once, at the
+end. The weights live on the device in float32 while training (the float32 training kernels), not in half.
 
 Host arrays only (a device half array is a ValueError): the gradients are computed into host memory, as
 in float32.
