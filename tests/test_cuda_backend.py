@@ -395,8 +395,9 @@ def test_every_spec_compiles_to_sass_for_sm80_and_sm90_without_spills(arch: str,
 # -- numbers, in the simulator ---------------------------------------------------------------------
 #: tests/cuda_sim_cases.py runs as this many processes (every SIM_SHARDS-th test each; tests/conftest.py)
 SIM_SHARDS = 4
-#: The simulator's files and their shards: the float32/float64 cases, and the half-precision ones (a process).
-SIM_FILES = {"tests/cuda_sim_cases.py": SIM_SHARDS, "tests/cuda_sim_half_cases.py": 1}
+#: The simulator's files and their shards: the float32/float64 cases, the half-precision ones, and the
+#: tensor-core GEMM's (the emulated MMA).
+SIM_FILES = {"tests/cuda_sim_cases.py": SIM_SHARDS, "tests/cuda_sim_half_cases.py": 2, "tests/cuda_sim_mma_cases.py": 1}
 
 
 @pytest.mark.long
@@ -412,17 +413,18 @@ def test_simulator_suite(path: str, shard: int) -> None:
 
 
 @pytest.mark.skipif(SIMULATED, reason="this process is already the simulator")
-def test_simulator_shards_cover_every_case() -> None:
+@pytest.mark.parametrize("path", [p for p, n in SIM_FILES.items() if n > 1])
+def test_simulator_shards_cover_every_case(path: str) -> None:
     """The shards' union is the whole file, each case once."""
     def collected(shard: str | None) -> list[str]:
         env = {k: v for k, v in os.environ.items() if k != "CELLGEN_TEST_SHARD"} | {"NUMBA_ENABLE_CUDASIM": "1"}
         if shard is not None:
             env["CELLGEN_TEST_SHARD"] = shard
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
-                               "tests/cuda_sim_cases.py"], cwd=REPO, env=env, capture_output=True, text=True,
+                               path], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
         return [line for line in done.stdout.splitlines() if "::" in line]
 
-    shards = [collected(f"{k}/{SIM_SHARDS}") for k in range(SIM_SHARDS)]
+    shards = [collected(f"{k}/{SIM_FILES[path]}") for k in range(SIM_FILES[path])]
     assert all(shards) and sorted(sum(shards, [])) == sorted(collected(None))
