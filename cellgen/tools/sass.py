@@ -251,15 +251,16 @@ def inspect_runtime(names: list[str], archs: list[str], dtypes: list[str], mix: 
 
 
 def inspect_specs(paths: list[str | Path], archs: list[str], dtypes: list[str], mix: bool = False,
-                  kernels: set[str] | None = None) -> list[KernelReport]:
+                  kernels: set[str] | None = None, skip_runtime: frozenset[str] = frozenset()) -> list[KernelReport]:
     """:func:`inspect_module` for every spec file (or folder of specs), after the runtime kernels they launch
-    (only the kernels named in ``kernels``, e.g. ``{"stage0"}``, when given)."""
+    (only the kernels named in ``kernels``, e.g. ``{"stage0"}``, when given; none named in ``skip_runtime``:
+    a caller that checks those elsewhere)."""
     from cellgen.build import spec_files
 
     with tempfile.TemporaryDirectory(prefix="cellgen-inspect-") as tmp:
         modules = [load_generated(p, Path(tmp)) for p in spec_files(list(paths))]
         runtime = [name for name in dict.fromkeys(name for m in modules for name in m._CUDA_RUNTIME)
-                   if kernels is None or name in kernels]
+                   if (kernels is None or name in kernels) and name not in skip_runtime]
         return inspect_runtime(runtime, archs, dtypes, mix) + [
             r for m in modules for r in inspect_module(m, archs, dtypes, mix, kernels)]
 
