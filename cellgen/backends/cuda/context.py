@@ -242,7 +242,6 @@ def _variant_context(plan: FusedPlan, layout: CudaLayout, variant: Variant, pref
     return {"dtype": variant.storage, "np_dtype": DTYPES[variant.compute], "zero": zero,
             "load": variant.load("{}"), "half": variant.half, "shared_type": variant.shared_type,
             "shared_zero": f"{variant.element}(0)" if variant.half else zero,
-            "shared_load": variant.load("{}"),
             "kernels": [_printed(plan, k, variant, prefix) for k in (*layout.kernels, *layout.all_rows)],
             "persistent": layout.persistent and _persistent(plan, layout.persistent, variant, prefix)}
 

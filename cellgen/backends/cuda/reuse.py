@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from cellgen.backends.cuda import precision
 from cellgen.backends.cuda import runtime as rt
 
 #: Cached packed weights (all cells together): enough for a bidirectional pair of a few stacked layers.
@@ -92,13 +93,14 @@ def on_device(params: Mapping[str, Any]) -> bool:
 
 def weights(owner: str, params: Mapping[str, Any], sizes: Mapping[str, int], pack: Callable, device_pack: Callable,
             gates: Sequence[int], unit_params: Sequence[str], storage: str = "") -> rt.DeviceWeights:
-    """A call's device weights: cached for host parameters, packed on the device for device ones. A half
-    ``storage`` (float16, bfloat16) caches apart and uploads in it (its parameters are host float32 values
-    of it: :func:`cellgen.backends.cuda.storage.prepare`)."""
+    """A call's device weights: cached for host parameters, packed on the device for device ones.
+    ``storage``: the call's storage dtype (``precision.device_storage``); a half one (float16, bfloat16)
+    caches apart and uploads in it (its parameters are host float32 values of it:
+    :func:`cellgen.backends.cuda.storage.prepare`)."""
     if on_device(params):
         return device_weights(device_pack({k: rt.as_device(v) for k, v in params.items()}, sizes), params, gates,
                               unit_params)
-    return WEIGHTS.get(f"{owner}:{storage}" if storage else owner, params,
+    return WEIGHTS.get(f"{owner}:{storage}" if storage in precision.HALF else owner, params,
                        lambda: rt.upload_weights(pack(params, sizes), params, gates, unit_params, storage))
 
 

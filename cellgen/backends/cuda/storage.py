@@ -96,9 +96,7 @@ def hoisted_gemm(xs: Any, weight: Any, bias: Any, allocate: Callable | None = No
     """``xs [T, B, I] @ weight + bias`` over all T*B rows: for a half ``xs`` and ``weight`` (storage dtype;
     float32 bias) the GEMM's ``storage=`` (float32 accumulation and result), float32 and float64 as they are."""
     storage = precision.device_storage(xs.dtype)
-    if storage not in precision.HALF:
-        return gemm.hoisted_gemm(xs, weight, bias, allocate)
-    return gemm.hoisted_gemm(xs, weight, bias, allocate, storage=storage)
+    return gemm.hoisted_gemm(xs, weight, bias, allocate, storage=storage if storage in precision.HALF else None)
 
 
 # -- a half call's arrays ----------------------------------------------------------------------------
