@@ -144,6 +144,28 @@ def test_per_step_launches(name: str, storage: str, batch: int) -> None:
     assert steps.last_path() == "launches"
 
 
+@pytest.mark.parametrize(("name", "storage", "time"), [("lstm", "float16", 3), ("gru_cudnn", "bfloat16", 2)])
+def test_tensor_core_persistent_kernel_over_chunks_and_row_groups(name: str, storage: str, time: int) -> None:
+    # the persistent kernel's recurrent GEMMs on the (emulated) tensor cores: one simulated block keeps both
+    # 32-unit chunks (37 units) and loops over 2 row groups of 16 (B = 18; rows 18-31 zero padding); lstm: a
+    # second stage (the projection, 11 units: one chunk, K = 37 of a 64-row padded slice); odd T leaves a
+    # double-buffered state in the second buffer
+    steps.forget()
+    with steps.forced("persistent"):
+        _check(name, storage, batch=18, steps=time)
+    assert steps.last_path() == "persistent"
+
+
+def test_tensor_core_persistent_grid_splits_row_groups_of_16() -> None:
+    # one step of a one-stage cell (exact with several simulated blocks, see cuda_sim_cases.py): 2 chunks x 2
+    # row groups of 16 (B = 18) on 6 co-resident blocks -> 4 blocks, one (chunk, group) each (row groups of
+    # 4, as the float32 kernel has, would take all 6)
+    steps.forget()
+    with steps.forced("persistent", simulated_blocks=6):
+        _check("basic_lstm", "bfloat16", batch=18, steps=1)
+    assert steps.last_path() == "persistent" and steps.last_grid() == 4
+
+
 @pytest.mark.parametrize("storage", list(STORAGE))
 def test_the_hoisted_gemm_on_tensor_cores(storage: str) -> None:
     """The forward with the hoisted GEMM on the (emulated) tensor cores: the same tolerance."""
@@ -295,6 +317,33 @@ def test_the_tolerance_sees_the_inputs_rounding() -> None:
     raw_state = tuple(rng.standard_normal(s.shape) for s in state)
     want, _ = dynamic_rnn("lstm", raw, raw_inputs, lengths, raw_state, **LSTM_HYPER)
     assert _fraction(out, want, "bfloat16") > 1
+
+
+@pytest.mark.parametrize("storage", list(STORAGE))
+def test_the_tolerance_sees_an_operand_rounded_once(storage: str, monkeypatch) -> None:
+    """The persistent kernel's tensor-core GEMM with the operand's remainder dropped (the float32 operand
+    rounded once to the storage dtype, as an MMA of the rounded operand alone would be): caught. The kernel
+    issues each tile's MMAs in pairs, the rounded part then the remainder; the wrapper still makes every
+    emulated call (its block barriers) and discards the second of each pair. Measured (B=5, H=37, T=3):
+    3-51x the tolerance over the stepped specs with the remainder dropped, at most 0.97 with it."""
+    import threading
+
+    mod = _module("basic_rnn")
+    mod._cuda_kernels(storage)  # binds the MMAs: then wrap the one of this storage dtype
+    name = "_mma_f16" if storage == "float16" else "_mma_bf16"
+    real, calls = getattr(mod, name), threading.local()  # the simulator's threads are Python threads
+
+    def rounded_part_only(*args):
+        n = getattr(calls, "n", 0)
+        calls.n = n + 1
+        d = real(*args)
+        return d if n % 2 == 0 else tuple(args[6:])
+
+    monkeypatch.setattr(mod, name, rounded_part_only)
+    with steps.forced("persistent"):
+        (out, _), (want, _) = _run("basic_rnn", storage)
+    assert steps.last_path() == "persistent"
+    assert _fraction(out, want, storage) > 1
 
 
 def test_the_tolerance_sees_a_truncating_store(monkeypatch) -> None:

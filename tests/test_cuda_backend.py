@@ -162,6 +162,16 @@ def test_lstm_layout() -> None:
     assert persistent.count("_grid.sync()") == 2 and "_sw = cuda.shared.array(0, _nb_float32)" in persistent
     assert "for t in range(out.shape[0]):" in persistent
     assert "_acc3 += _a * _sw[_wq + np.uint32(_q * 128 + 96)]" in persistent  # gate-major, unrotated
+    # in half storage the same stages on tensor cores: 16-row groups, k-pair words, 4 column tiles a warp in
+    # stage 0 (128 columns / 4 warps / 8), 1 in stage 1 (32 columns), two MMAs (operand split) a tile
+    start = text.index("def _cuda_persistent_float16(")
+    half = text[start:text.index("\ndef ", start)]
+    assert p.warps == 4 and [p.mma_tiles(k) for k in p.stages] == [4, 1] and p.mma_width == 136
+    assert "_sw = cuda.shared.array(0, _nb_uint32)" in half and "_ng = np.uint32((B + 15) // 16)" in half
+    assert half.count("= _mma_f16(_h0, _h1, _h2, _h3, _q0, _q1, ") == 4 + 1
+    assert half.count("= _mma_f16(_l0, _l1, _l2, _l3, _q0, _q1, ") == 4 + 1
+    assert "_acc3 = _sd[_ro, np.uint32(96) + _ux]" in half and "_a * _sw" not in half
+    assert "_mma_bf16(" not in half and "_mma_f16(" not in persistent
 
     # change a decision in the layout: the template follows, it decides nothing itself
     wide = dataclasses.replace(stage1, block=(64, 2), gemm=dataclasses.replace(g1, block=(64, 2), tile_k=64),
@@ -359,8 +369,10 @@ HALF_FORWARD = {"stage0", "stage1", "stage0_all", "stage1_all", "persistent", "s
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_half_storage_kernels_compile_to_sass_without_spills(arch: str, dtype: str) -> None:
     """Every shipped spec's float16 / bfloat16 storage variants (forward only: no training kernels in half)
-    and the hoisted GEMM's storage variant: 0 spill bytes, registers within the hardware's 255."""
-    reports = inspect_specs(SPECS, [arch], [dtype], skip_runtime=MMA_RUNTIME)
+    and the hoisted GEMM's storage variant: 0 spill bytes, registers within the hardware's 255; the persistent
+    kernels' recurrent GEMMs on tensor cores (HMMA in the SASS: per K tile of 32, 2 k16 steps x 2 MMAs, the
+    operand's rounded part and remainder, x each warp's column tiles: the chunk's columns / 32)."""
+    reports = inspect_specs(SPECS, [arch], [dtype], skip_runtime=MMA_RUNTIME, mix=True)
     kernels = {(r.cell, r.kernel) for r in reports}
     assert ("runtime", "hoisted") in kernels and ("runtime", "hoisted_tn") not in kernels
     assert {k for c, k in kernels if c != "runtime"} == HALF_FORWARD
@@ -371,6 +383,10 @@ def test_half_storage_kernels_compile_to_sass_without_spills(arch: str, dtype: s
         assert r.spills == 0, r
         assert r.stack == (16 if r.kernel == "persistent" else 0), r
         assert 0 < r.registers <= 255 and r.occupancy > 0, r
+    hmma = {r.cell: r.mix.hmma for r in reports if r.kernel == "persistent"}
+    # columns a chunk: gates x 32 (lstm: 4 gates, then the projection's 1); every other kernel has none
+    assert hmma == {"basic_lstm": 16, "basic_rnn": 4, "gru": 8 + 4, "gru_cudnn": 12, "lstm": 16 + 4}, hmma
+    assert not any(r.mix.hmma for r in reports if r.kernel != "persistent" and r.cell != "runtime")
 
 @pytest.mark.long
 @pytest.mark.skipif(SIMULATED, reason="compile_ptx needs the real numba.cuda, not the simulator")

@@ -122,7 +122,16 @@ def test_half_kernels_widen_loads_and_round_stores() -> None:
     stage1 = inspect.getsource(mod._CUDA_SOURCES["bfloat16"]["stage1"])
     assert "out_t[b, j] = _f32_to_bf16(" in stage1
     persistent = inspect.getsource(mod._CUDA_SOURCES["bfloat16"]["persistent"])
-    assert "cuda.shared.array(0, _nb_uint16)" in persistent and "_bf16_to_f32(_sw[" in persistent
+    # the persistent kernel: bfloat16 patterns packed in pairs into its slices, the float32 operand rounded
+    # (and its remainder rounded) into MMA operands, the outputs rounded as they are stored
+    assert "cuda.shared.array(0, _nb_uint32)" in persistent and "_bf16_to_f32(_sw[" not in persistent
+    assert "_lo = w_rec0[_k2, _gcol] if" in persistent  # bits as they are: no widening on the way in
+    assert "_mma_pack(_f32_to_bf16(_v0_0), _f32_to_bf16(_v0_1))" in persistent
+    assert "_f32_to_bf16(_v0_0 - _bf16_to_f32(_f32_to_bf16(_v0_0)))" in persistent
+    assert "out_t[b, j] = _f32_to_bf16(" in persistent
+    f16p = inspect.getsource(mod._CUDA_SOURCES["float16"]["persistent"])
+    assert "_lo = _f16_bits(w_rec0[_k2, _gcol]) if" in f16p
+    assert "_f16_bits(np.float16(_v0_0 - np.float32(np.float16(_v0_0))))" in f16p
 
 
 # -- the persistent kernel's fit ------------------------------------------------------------------------

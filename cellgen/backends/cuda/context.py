@@ -16,6 +16,10 @@ import sympy
 
 from cellgen.backends.cuda.layout import (
     BATCH,
+    MMA_A_STRIDE,
+    MMA_K_WORDS,
+    MMA_N,
+    MMA_ROWS,
     CudaKernel,
     CudaLayout,
     PersistentKernel,
@@ -136,6 +140,18 @@ class Variant:
         """A compute-dtype value as the element a storage array holds."""
         return f"_f32_to_bf16({text})" if self.storage == "bfloat16" else text
 
+    def bits(self, text: str) -> str:
+        """A storage element's 16-bit pattern (half storage: a tensor-core operand's half register)."""
+        return f"_f16_bits({text})" if self.storage == "float16" else text
+
+    def round_bits(self, text: str) -> str:
+        """A compute-dtype value rounded to the (half) storage dtype, as its 16-bit pattern."""
+        return self.bits(f"np.float16({text})") if self.storage == "float16" else self.store(text)
+
+    def rounded(self, text: str) -> str:
+        """A compute-dtype value rounded to the (half) storage dtype, widened back (exact)."""
+        return self.load(f"np.float16({text})" if self.storage == "float16" else self.store(text))
+
     @property
     def element(self) -> str:
         """The storage element's NumPy type as the kernels name it (uint16 for bfloat16's patterns)."""
@@ -222,9 +238,19 @@ def _launch(kernel: CudaKernel, prefix: str = "") -> dict[str, Any]:
 
 
 def _persistent(plan: FusedPlan, kernel: PersistentKernel, variant: Variant, prefix: str = "") -> dict[str, Any]:
-    """The persistent kernel's source pieces for ``variant``: its stages printed as the stage kernels are."""
+    """The persistent kernel's source pieces for ``variant``: its stages printed as the stage kernels are;
+    with half storage their GEMMs on tensor cores (``mma``: tiles per warp, the accumulator tile's width)."""
+    stages = [_printed(plan, k, variant, prefix) for k in kernel.stages]
+    if variant.half:
+        for printed, k in zip(stages, kernel.stages, strict=True):
+            printed["mma_tiles"] = kernel.mma_tiles(k)
     return {"name": prefix + kernel.name, "args": list(kernel.arg_names), "block": list(kernel.block),
-            "stages": [_printed(plan, k, variant, prefix) for k in kernel.stages],
+            "stages": stages, "mma": variant.half, "zero": NumbaPrinter(variant.compute).doprint(sympy.Integer(0)),
+            "mma_rows": MMA_ROWS, "mma_n": MMA_N, "mma_k_words": MMA_K_WORDS, "mma_a_stride": MMA_A_STRIDE,
+            "mma_a_loads": MMA_ROWS * MMA_K_WORDS // (kernel.block[0] * kernel.block[1]),
+            "mma_width": kernel.mma_width, "warps": kernel.warps,
+            "mma_call": {"float16": "_mma_f16", "bfloat16": "_mma_bf16"}.get(variant.storage),
+            "bits": variant.bits("{}"), "round_bits": variant.round_bits("{}"), "rounded": variant.rounded("{}"),
             "double_buffered": [{"old": state_array(n), "new": new_state_array(n)} for n in kernel.double_buffered]}
 
 

@@ -285,9 +285,9 @@ def mma_kernel(storage: str, transpose_a: bool = False) -> Any:
 
 
 def tensor_cores() -> bool:
-    """Whether half storage runs on tensor cores: in the simulator (the emulated MMA) and on sm_80+."""
-    module = rt.numba_cuda()
-    return rt.simulated() or tuple(module.get_current_device().compute_capability) >= (8, 0)
+    """Whether the hoisted GEMM of half storage runs on tensor cores: in the simulator (the emulated MMA)
+    and on sm_80+ (:func:`mma.supported`)."""
+    return mma.supported()
 
 
 def _flat(x) -> Any:

@@ -55,8 +55,19 @@ BLOCK_UNITS, BLOCK_ROWS = 32, 4
 ALL_ROWS = 16
 #: The persistent kernel's block: a warp along units, PERSISTENT_ROWS batch rows at a time (its rows loop).
 PERSISTENT_ROWS = 4
+#: With half storage the persistent kernel's GEMMs run on tensor cores (``mma.sync`` m16n8k16,
+#: docs/gpu.md "The recurrent GEMM on tensor cores"): a row group is then the MMA's M = MMA_ROWS rows
+#: (B <= 16 in one group), each warp of the block taking every (warps)-th tile of MMA_N columns; the
+#: accumulators go through a shared [MMA_ROWS, columns + MMA_PAD] tile to the epilogue's threads
+#: (the pad: the fragment stores' rows land 8 banks apart).
+MMA_ROWS, MMA_N, MMA_PAD = 16, 8, 8
 #: Reduction tile of a stage kernel; equal to BLOCK_UNITS so each thread loads one operand element.
 TILE_K = BLOCK_UNITS
+#: The tensor-core operand tile in shared memory: MMA_ROWS rows of MMA_K_WORDS 32-bit words (two
+#: K-adjacent 16-bit elements each) a K tile, rows MMA_A_STRIDE words apart, so the 8 rows one fragment
+#: read touches start on 8 distinct groups of 4 banks (no conflicts).
+MMA_K_WORDS = TILE_K // 2
+MMA_A_STRIDE = MMA_K_WORDS + 4
 #: Threads of a warp, and shared-memory banks (4-byte words).
 WARP, BANKS = 32, 32
 #: The batch size of a call, as the host code names it (the y extent of every grid).
@@ -279,6 +290,23 @@ class PersistentKernel:
     @property
     def arg_names(self) -> tuple[str, ...]:
         return tuple(a.name for a in self.args)
+
+    @property
+    def warps(self) -> int:
+        return self.block[0] * self.block[1] // WARP
+
+    def mma_tiles(self, stage: CudaKernel) -> int:
+        """Tensor-core column tiles (MMA_N columns) per warp of ``stage``'s chunk (all gates of its units)."""
+        tiles, left = divmod(stage.gemm.columns, MMA_N * self.warps)
+        if left:
+            raise ValueError(f"{self.name}: {stage.gemm.columns} columns a chunk do not split into "
+                             f"{self.warps} warps of {MMA_N}-column tiles")
+        return tiles
+
+    @property
+    def mma_width(self) -> int:
+        """Columns of the accumulator tile the tensor-core stages share (the widest chunk, padded)."""
+        return max(k.gemm.columns for k in self.stages) + MMA_PAD
 
 
 @dataclass(frozen=True)

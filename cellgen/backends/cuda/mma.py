@@ -56,6 +56,8 @@ from typing import Any
 
 import numpy as np
 
+#: The oldest compute capability with these instructions (m16n8k16 with f16 or bf16 operands).
+ARCH = (8, 0)
 #: The MMA shape: D[M x N] = A[M x K] @ B[K x N] + C.
 M, N, K = 16, 8, 16
 #: The PTX instruction per half storage dtype.
@@ -206,6 +208,14 @@ def _pack_intrinsic() -> Any:
         return types.uint32(types.uint16, types.uint16), codegen
 
     return pack
+
+
+def supported() -> bool:
+    """Whether kernels may issue these MMAs here: in numba's simulator (the emulation) and on sm_80 or newer."""
+    from cellgen.backends.cuda import runtime
+
+    module = runtime.numba_cuda()
+    return runtime.simulated() or tuple(module.get_current_device().compute_capability) >= ARCH
 
 
 _DEVICE: dict[str, Any] = {}

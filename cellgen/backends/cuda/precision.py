@@ -144,7 +144,8 @@ def from_storage(x: np.ndarray, storage: str) -> np.ndarray:
 
 # -- device conversions -------------------------------------------------------------------------
 def device_functions(cuda: Any, simulated: bool) -> SimpleNamespace:
-    """``bf16_to_f32(u16) -> float32`` and ``f32_to_bf16(float32) -> uint16`` for kernels: numba
+    """``bf16_to_f32(u16) -> float32``, ``f32_to_bf16(float32) -> uint16`` and ``f16_bits(float16) -> uint16``
+    (the pattern, for tensor-core operands) for kernels: numba
     intrinsics (LLVM bit casts and integer rounding, inlined, compiled without a device), or in the
     simulator the same conversions by NumPy bit views. ``cuda`` is numba.cuda (unused by the
     intrinsics; the simulator's needs nothing from it either)."""
@@ -155,9 +156,33 @@ def device_functions(cuda: Any, simulated: bool) -> SimpleNamespace:
         def f32_to_bf16(x):
             return bf16_from_f32(np.array([x], dtype=np.float32))[0]
 
-        return SimpleNamespace(bf16_to_f32=bf16_to_f32, f32_to_bf16=f32_to_bf16)
+        def f16_bits(x):
+            return np.array([x], dtype=np.float16).view(np.uint16)[0]
 
-    return SimpleNamespace(bf16_to_f32=_bf16_to_f32_intrinsic(), f32_to_bf16=_f32_to_bf16_intrinsic())
+        return SimpleNamespace(bf16_to_f32=bf16_to_f32, f32_to_bf16=f32_to_bf16, f16_bits=f16_bits)
+
+    if not _INTRINSICS:
+        _INTRINSICS.update(bf16_to_f32=_bf16_to_f32_intrinsic(), f32_to_bf16=_f32_to_bf16_intrinsic(),
+                           f16_bits=_f16_bits_intrinsic())
+    return SimpleNamespace(**_INTRINSICS)
+
+
+_INTRINSICS: dict[str, Any] = {}  # made once a process: numba types each intrinsic object once
+
+
+def _f16_bits_intrinsic() -> Any:
+    """float16 -> uint16, its bit pattern (an LLVM bit cast): what a tensor-core operand register packs."""
+    from llvmlite import ir
+    from numba.core import types
+    from numba.core.extending import intrinsic
+
+    @intrinsic
+    def f16_bits(typingctx, x):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(16))
+        return types.uint16(types.float16), codegen
+
+    return f16_bits
 
 
 def _bf16_to_f32_intrinsic() -> Any:

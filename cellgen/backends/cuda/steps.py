@@ -24,8 +24,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as _np
+
 from cellgen.backends.cuda import graph as _graph
+from cellgen.backends.cuda import mma as _mma
+from cellgen.backends.cuda import precision as _precision
 from cellgen.backends.cuda import runtime as _rtc
+from cellgen.backends.cuda.layout import MMA_ROWS
 
 #: The environment variable that forces a path.
 ENV = "CELLGEN_CUDA_STEPS"
@@ -203,12 +208,20 @@ def set_max_dynamic_shared(compiled: Any, nbytes: int) -> None:
     driver.cuKernelSetAttribute(attr, int(nbytes), cufunc.handle, cufunc.device.id)
 
 
-def persistent(kernel: Any, block: tuple[int, int], args: tuple, itemsize: int,
+def persistent(kernel: Any, block: tuple[int, int], args: tuple, storage: str,
                stages: Sequence[tuple[int, int, int]], batch: int) -> bool:
     """Launch the persistent kernel for all T steps if this device can: True when launched, False (nothing
-    launched, nothing written) where it cannot, so that the caller runs the per-step path instead."""
+    launched, nothing written) where it cannot, so that the caller runs the per-step path instead.
+
+    ``storage``: the storage dtype's name. With half storage the kernel's GEMMs are tensor-core MMAs
+    (row groups of :data:`~cellgen.backends.cuda.layout.MMA_ROWS` rows), which need sm_80 or newer
+    (:func:`cellgen.backends.cuda.mma.supported`); on an older GPU the per-step kernels run."""
     shapes = [StageShape(int(r), int(u), int(c)) for r, u, c in stages]
-    groups = max(1, -(-int(batch) // block[1]))
+    half = storage in _precision.HALF
+    if half and not _mma.supported():
+        return False
+    groups = max(1, -(-int(batch) // (MMA_ROWS if half else block[1])))
+    itemsize = 2 if half else _np.dtype(storage).itemsize
     try:
         found = _device_limits(kernel, block, args, shapes, itemsize, groups)
     except _rtc.CudaUnavailable:
