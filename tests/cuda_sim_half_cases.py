@@ -223,6 +223,33 @@ def test_device_arrays_in_and_out(name: str, storage: str) -> None:
         np.testing.assert_array_equal(dev.copy_to_host(), initial)
 
 
+@pytest.mark.parametrize(("name", "storage"), [("lstm", "bfloat16"), ("gru_cudnn", "float16")])
+def test_device_parameters_are_packed_on_the_device(name: str, storage: str, monkeypatch) -> None:
+    """Half device parameters never cross to the host (widened, packed and rounded back on the device) and
+    give the host parameters' numbers, bit for bit (the same float32 packing, the same one rounding)."""
+    from numba import cuda
+
+    params, inputs, state, lengths = _case(name, storage, steps=2)
+    kw = dict(sequence_length=lengths, initial_state=state, backend="cuda", **_hyper(name))
+    host_out, host_final = _module(name).dynamic_rnn(params, inputs, **kw)
+    device = {k: _to_device(v, storage) for k, v in params.items()}
+    arrays = {id(v.bits if isinstance(v, precision.DeviceBfloat16) else v) for v in device.values()}
+    read: list[int] = []
+    kind = type(cuda.to_device(np.zeros(1)))
+    real = kind.copy_to_host
+
+    def recording(self, *args, **kwargs):
+        read.append(id(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(kind, "copy_to_host", recording)
+    out, final = _module(name).dynamic_rnn(device, inputs, **kw)
+    assert read and not arrays & set(read)  # results were read back; no parameter was
+    np.testing.assert_array_equal(np.asarray(out).view(np.uint16), np.asarray(host_out).view(np.uint16))
+    for got, want in zip(final, host_final, strict=True):
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
+
+
 def test_an_unmarked_uint16_device_array_is_never_read_as_bfloat16() -> None:
     from numba import cuda
 

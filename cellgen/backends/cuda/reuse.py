@@ -9,7 +9,8 @@
   uploading them; a sampled or hashed check could miss a change and give a wrong number silently.
 * **Device** parameters (numba device arrays, ``__cuda_array_interface__`` tensors) are never
   cached: whether one changed cannot be known without reading it, and reading it on the device
-  costs what packing it there does (:func:`device_weights`: device-to-device copies, no host trip).
+  costs what packing it there does (:func:`device_weights`: device-to-device copies, no host trip;
+  half ones widened, packed and rounded back on the device).
 * Buffers: :data:`cellgen.backends.cuda.runtime.POOL` (:class:`~cellgen.backends.cuda.runtime.BufferPool`).
 """
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from cellgen.backends.cuda import precision
 from cellgen.backends.cuda import runtime as rt
+from cellgen.backends.cuda import storage as _storage
 
 #: Cached packed weights (all cells together): enough for a bidirectional pair of a few stacked layers.
 WEIGHT_ENTRIES = 8
@@ -99,18 +101,24 @@ def weights(owner: str, params: Mapping[str, Any], sizes: Mapping[str, int], pac
     :func:`cellgen.backends.cuda.storage.prepare`)."""
     if on_device(params):
         return device_weights(device_pack({k: rt.as_device(v) for k, v in params.items()}, sizes), params, gates,
-                              unit_params)
+                              unit_params, storage)
     return WEIGHTS.get(f"{owner}:{storage}" if storage in precision.HALF else owner, params,
                        lambda: rt.upload_weights(pack(params, sizes), params, gates, unit_params, storage))
 
 
 def device_weights(packed, params: Mapping[str, Any], gates: Sequence[int],
-                   unit_params: Sequence[str]) -> rt.DeviceWeights:
-    """:func:`~cellgen.backends.cuda.runtime.upload_weights` for weights packed on the device."""
+                   unit_params: Sequence[str], storage: str = "") -> rt.DeviceWeights:
+    """:func:`~cellgen.backends.cuda.runtime.upload_weights` for weights packed on the device. A half
+    ``storage``: the parameters are float32 device arrays of its values (``storage.prepare``), packed in
+    float32 as the host packs them; the hoisted and recurrent weights are rounded to ``storage`` on the
+    device (the host path's rounding), the bias and per-unit vectors stay float32."""
+    def matrix(w: Any) -> Any:
+        return _storage.round_to(w, storage) if storage in precision.HALF else w
+
     w_hoisted, b_hoisted, recurrent = packed
     return rt.DeviceWeights(
-        hoisted=None if w_hoisted is None else rt.contiguous(w_hoisted),
+        hoisted=None if w_hoisted is None else matrix(rt.contiguous(w_hoisted)),
         bias=None if b_hoisted is None else rt.contiguous(b_hoisted),
-        recurrent=tuple(rt.device_interleave(w, g) for w, g in zip(recurrent, gates, strict=True)),
+        recurrent=tuple(matrix(rt.device_interleave(w, g)) for w, g in zip(recurrent, gates, strict=True)),
         params={name: rt.contiguous(rt.as_device(params[name])) for name in unit_params},
     )

@@ -155,15 +155,19 @@ def prepare(cell: driver.CellInfo, params, inputs, sequence_length, initial_stat
             hyper: dict, argument: str, storage: str) -> rt.DeviceCall:
     """:meth:`cellgen.backends.cuda.runtime.DeviceArrays.prepare` for a half ``storage``: the host checks
     on float32 stand-ins, then the inputs and delay states on the device in ``storage``, the recurrent
-    states as float32 working copies, the parameters as float32 host values of ``storage`` (device ones
-    read back once: they are packed and uploaded in ``storage`` like host ones)."""
+    states as float32 working copies, the parameters as float32 values of ``storage``: host ones on the
+    host (packed, rounded and uploaded once while unchanged: :mod:`cellgen.backends.cuda.reuse`), device
+    ones widened on the device (packed there and rounded back to ``storage``, no host trip)."""
     rt.numba_cuda()
-    host_params = params
+    host_params, device_params = params, {}
     if isinstance(params, Mapping):
-        host_params = {k: precision.from_storage(np.asarray(_device_bits(v, storage, f"parameter {k!r}")
-                                                            .copy_to_host()), storage).astype(COMPUTE)
-                       if _is_device(v) else _host_values(v, storage, f"parameter {k!r}")
-                       for k, v in params.items()}
+        host_params = {}
+        for k, v in params.items():
+            if _is_device(v):
+                device_params[k] = widen(_device_bits(v, storage, f"parameter {k!r}"), storage)
+                host_params[k] = _stand_in(device_params[k].shape)
+            else:
+                host_params[k] = _host_values(v, storage, f"parameter {k!r}")
     user_states = _user_states(initial_state)
     state_arg: Any = initial_state
     if user_states is not None:
@@ -193,7 +197,8 @@ def prepare(cell: driver.CellInfo, params, inputs, sequence_length, initial_stat
             states.append(rt.as_device(precision.to_storage(checked, storage)))
         else:
             states.append(rt.as_device(np.ascontiguousarray(checked, dtype=COMPUTE)))
-    return rt.DeviceCall(xs, rt.device_lengths(sequence_length, call.lengths), states, call.params, call.hyper,
+    params = {k: device_params.get(k, v) for k, v in call.params.items()}
+    return rt.DeviceCall(xs, rt.device_lengths(sequence_length, call.lengths), states, params, call.hyper,
                          call.sizes, on_host, storage)
 
 
