@@ -423,7 +423,7 @@ def test_every_spec_compiles_to_sass_for_sm80_and_sm90_without_spills(arch: str,
 SIM_SHARDS = 4
 #: The simulator's files and their shards: the float32/float64 cases, the half-precision ones, and the
 #: tensor-core GEMM's (the emulated MMA).
-SIM_FILES = {"tests/cuda_sim_cases.py": SIM_SHARDS, "tests/cuda_sim_half_cases.py": 2, "tests/cuda_sim_mma_cases.py": 1}
+SIM_FILES = {"tests/cuda_sim_cases.py": SIM_SHARDS, "tests/cuda_sim_half_cases.py": 3, "tests/cuda_sim_mma_cases.py": 1}
 
 
 @pytest.mark.long

@@ -157,11 +157,6 @@ class Variant:
         """The storage element's NumPy type as the kernels name it (uint16 for bfloat16's patterns)."""
         return "np.uint16" if self.storage == "bfloat16" else f"np.{self.storage}"
 
-    @property
-    def shared_type(self) -> str:
-        """The numba type of a dynamic shared array of storage elements (``_nb_<name>``)."""
-        return "uint16" if self.storage == "bfloat16" else self.storage
-
 
 #: The kernel variants of a forward that computes for users: one per storage dtype.
 FORWARD_VARIANTS = tuple(Variant(s) for s in precision.STORAGE)
@@ -266,7 +261,7 @@ def _variant_context(plan: FusedPlan, layout: CudaLayout, variant: Variant, pref
     """One dtype variant's kernels printed, with what the template needs to name its types and conversions."""
     zero = NumbaPrinter(variant.compute).doprint(sympy.Integer(0))
     return {"dtype": variant.storage, "np_dtype": DTYPES[variant.compute], "zero": zero,
-            "load": variant.load("{}"), "half": variant.half, "shared_type": variant.shared_type,
+            "load": variant.load("{}"), "half": variant.half,
             "shared_zero": f"{variant.element}(0)" if variant.half else zero,
             "kernels": [_printed(plan, k, variant, prefix) for k in (*layout.kernels, *layout.all_rows)],
             "persistent": layout.persistent and _persistent(plan, layout.persistent, variant, prefix)}
