@@ -156,8 +156,20 @@ def test_show_says_half_storage_goes_persistent_where_float32_does_not() -> None
     lines = steps.describe(cuda_layout(plan), 64, {sym: 768 for sym in plan.spec.all_sizes})
     by_dtype = {line.split(":")[0]: line for line in lines[1:]}
     assert "CUDA graph" in by_dtype["GPU step loop (float32, H100/H200)"]
-    assert "persistent" in by_dtype["GPU step loop (float16/bfloat16, H100/H200)"]
+    # 24 chunks x 4 row groups of 16 (B = 64): 96 blocks (row groups of 4 would give 120)
+    assert "persistent, 96 blocks of 32x4, 192 KiB" in by_dtype["GPU step loop (float16/bfloat16, H100/H200)"]
     assert "CUDA graph" in by_dtype["GPU step loop (float16/bfloat16, A100)"]
+    # the static tiles count: gru_cudnn H=768's 144 KiB slices fit 90% of an A100's 163 KiB less 0.5 KiB (the
+    # float32 kernel's operand tile), not less the half kernel's 9 KiB of operand and accumulator tiles
+    from cellgen.backends.cuda.layout import cuda_layout as layout_of
+
+    gru = compile_spec(Path(__file__).resolve().parent.parent / "specs" / "gru_cudnn.py")[1]
+    p = layout_of(gru).persistent
+    assert p.static_shared(2) == 9216 and p.static_shared(4) == 512 and p.group_rows(2) == 16
+    gru_lines = {line.split(":")[0]: line for line in
+                 steps.describe(layout_of(gru), 64, {sym: 768 for sym in gru.spec.all_sizes})[1:]}
+    assert "CUDA graph (the weight slices need 144 KiB" in gru_lines["GPU step loop (float16/bfloat16, A100)"]
+    assert "persistent" in gru_lines["GPU step loop (float16/bfloat16, H100/H200)"]
 
 
 # -- clear errors --------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ PERSISTENT_ROWS = 4
 #: docs/gpu.md "The recurrent GEMM on tensor cores"): a row group is then the MMA's M = MMA_ROWS rows
 #: (B <= 16 in one group), each warp of the block taking every (warps)-th tile of MMA_N columns; the
 #: accumulators go through a shared [MMA_ROWS, columns + MMA_PAD] tile to the epilogue's threads
-#: (the pad: the fragment stores' rows land 8 banks apart).
+#: (the pad: consecutive rows land 8 banks apart, a fragment store's 8 rows on 4 offsets: 2-way conflicts).
 MMA_ROWS, MMA_N, MMA_PAD = 16, 8, 8
 #: Reduction tile of a stage kernel; equal to BLOCK_UNITS so each thread loads one operand element.
 TILE_K = BLOCK_UNITS
@@ -302,6 +302,18 @@ class PersistentKernel:
             raise ValueError(f"{self.name}: {stage.gemm.columns} columns a chunk do not split into "
                              f"{self.warps} warps of {MMA_N}-column tiles")
         return tiles
+
+    def group_rows(self, itemsize: int) -> int:
+        """Batch rows of a row group: the block's rows, or with half storage (``itemsize`` 2) the MMA's M."""
+        return MMA_ROWS if itemsize == 2 else self.block[1]
+
+    def static_shared(self, itemsize: int) -> int:
+        """Static shared memory a block declares besides the dynamic weight slices: the operand tile, or with
+        half storage the two operand word tiles and the accumulator tile (what the runtime subtracts from
+        the opt-in before fitting the slices)."""
+        if itemsize == 2:
+            return 4 * MMA_ROWS * (2 * MMA_A_STRIDE + self.mma_width)
+        return self.block[0] * self.block[1] * itemsize
 
     @property
     def mma_width(self) -> int:

@@ -288,13 +288,14 @@ def describe(layout: Any, batch: int, sizes: dict, itemsizes: Sequence[int] = (4
                          k.gemm.columns) for k in p.stages]
     for itemsize in itemsizes:
         for device, (sms, optin) in DEVICES.items():
-            groups = -(-batch // p.block[1])
-            found = persistent_grid(shapes, itemsize, sms, optin, groups)
+            groups = -(-batch // p.group_rows(itemsize))
+            limit = optin - p.static_shared(itemsize)  # as _device_limits: the opt-in less the static arrays
+            found = persistent_grid(shapes, itemsize, sms, limit, groups)
             dtype = ELEMENT_NAMES[itemsize]
             if found is None:
                 need = shared_bytes(shapes, grid_split(shapes, groups, sms)[1], itemsize)
                 lines.append(f"GPU step loop ({dtype}, {device}): CUDA graph (the weight slices need "
-                             f"{need / 1024:.0f} KiB a block > {SHARED_BUDGET:.0%} of {optin // 1024} KiB)")
+                             f"{need / 1024:.0f} KiB a block > {SHARED_BUDGET:.0%} of {limit / 1024:.0f} KiB)")
             else:
                 lines.append(f"GPU step loop ({dtype}, {device}): persistent, {found[0]} blocks of "
                              f"{p.block[0]}x{p.block[1]}, {found[1] / 1024:.0f} KiB of weight a block, "
