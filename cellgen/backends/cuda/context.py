@@ -240,7 +240,7 @@ def _persistent(plan: FusedPlan, kernel: PersistentKernel, variant: Variant, pre
         for printed, k in zip(stages, kernel.stages, strict=True):
             printed["mma_tiles"] = kernel.mma_tiles(k)
     return {"name": prefix + kernel.name, "args": list(kernel.arg_names), "block": list(kernel.block),
-            "stages": stages, "mma": variant.half, "zero": NumbaPrinter(variant.compute).doprint(sympy.Integer(0)),
+            "stages": stages, "mma": variant.half,
             "mma_rows": MMA_ROWS, "mma_n": MMA_N, "mma_k_words": MMA_K_WORDS, "mma_a_stride": MMA_A_STRIDE,
             "mma_a_loads": MMA_ROWS * MMA_K_WORDS // (kernel.block[0] * kernel.block[1]),
             "mma_width": kernel.mma_width, "warps": kernel.warps,

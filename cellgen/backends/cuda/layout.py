@@ -304,8 +304,8 @@ class PersistentKernel:
         return tiles
 
     def group_rows(self, itemsize: int) -> int:
-        """Batch rows of a row group: the block's rows, or with half storage (``itemsize`` 2) the MMA's M."""
-        return MMA_ROWS if itemsize == 2 else self.block[1]
+        """Batch rows of a row group for storage elements of ``itemsize`` bytes (:func:`group_rows`)."""
+        return group_rows(itemsize, self.block[1])
 
     def static_shared(self, itemsize: int) -> int:
         """Static shared memory a block declares besides the dynamic weight slices: the operand tile, or with
@@ -319,6 +319,12 @@ class PersistentKernel:
     def mma_width(self) -> int:
         """Columns of the accumulator tile the tensor-core stages share (the widest chunk, padded)."""
         return max(k.gemm.columns for k in self.stages) + MMA_PAD
+
+
+def group_rows(itemsize: int, block_rows: int) -> int:
+    """Batch rows of a persistent kernel's row group: its block's ``block_rows``, or with half storage
+    (``itemsize`` 2: its GEMMs on tensor cores) the MMA's M, :data:`MMA_ROWS`."""
+    return MMA_ROWS if itemsize == 2 else block_rows
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as _np
-
 from cellgen.backends.cuda import graph as _graph
 from cellgen.backends.cuda import mma as _mma
 from cellgen.backends.cuda import precision as _precision
 from cellgen.backends.cuda import runtime as _rtc
-from cellgen.backends.cuda.layout import MMA_ROWS
+from cellgen.backends.cuda.layout import group_rows
 
 #: The environment variable that forces a path.
 ENV = "CELLGEN_CUDA_STEPS"
@@ -214,14 +212,13 @@ def persistent(kernel: Any, block: tuple[int, int], args: tuple, storage: str,
     launched, nothing written) where it cannot, so that the caller runs the per-step path instead.
 
     ``storage``: the storage dtype's name. With half storage the kernel's GEMMs are tensor-core MMAs
-    (row groups of :data:`~cellgen.backends.cuda.layout.MMA_ROWS` rows), which need sm_80 or newer
+    (row groups of :func:`~cellgen.backends.cuda.layout.group_rows` rows), which need sm_80 or newer
     (:func:`cellgen.backends.cuda.mma.supported`); on an older GPU the per-step kernels run."""
     shapes = [StageShape(int(r), int(u), int(c)) for r, u, c in stages]
-    half = storage in _precision.HALF
-    if half and not _mma.supported():
+    if storage in _precision.HALF and not _mma.supported():
         return False
-    groups = max(1, -(-int(batch) // (MMA_ROWS if half else block[1])))
-    itemsize = 2 if half else _np.dtype(storage).itemsize
+    itemsize = _precision.device_dtype(storage).itemsize
+    groups = max(1, -(-int(batch) // group_rows(itemsize, block[1])))
     try:
         found = _device_limits(kernel, block, args, shapes, itemsize, groups)
     except _rtc.CudaUnavailable:
