@@ -328,6 +328,36 @@ def test_gpu_check_runs_every_step_loop(tmp_path: Path) -> None:
     assert all(p["max_diff"] <= 1e-6 for p in row["paths"].values())  # float32, 3 steps, the same sums
 
 
+def test_gpu_check_targets_with_torch_on_the_cpu(monkeypatch) -> None:
+    """The targets section runs as written with torch on the CPU standing in for cuDNN (wall time): a row per
+    (cell, dtype, phase) with both times, their ratio beside the issue's target; the bfloat16 forward and
+    inputs gradient within their tolerance of float64, cuDNN's error in the note; a tolerance of 0 fails them."""
+    import torch
+
+    from cellgen.tools import gpu_check_cases, gpu_check_targets
+
+    stand_in = gpu_check_targets.Torch(torch, "cpu")
+    checks, rows = gpu_check_targets.targets(_module, ["basic_lstm", "gru_cudnn", "qrnn"], ["float32", "bfloat16"],
+                                             quick=True, repeat=1, warmup=0, torch=stand_in, progress=lambda s: None)
+    assert [(r["spec"], r["dtype"], r["phase"]) for r in rows] == [
+        (spec, dtype, phase) for spec in ("basic_lstm", "gru_cudnn") for dtype in ("float32", "bfloat16")
+        for phase in ("forward", "training step")]
+    for r in rows:
+        assert r["cellgen_ms"] > 0 and r["cudnn_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["cellgen_ms"] / r["cudnn_ms"]) and r["met"] == (r["ratio"] <= r["target"])
+        assert r["target"] == gpu_check_targets.TARGETS[r["phase"], r["dtype"]]
+    assert "| basic_lstm | B2 T3 H4 | bfloat16 | forward |" in gpu_check_targets.table(rows)
+    assert [(c.spec, c.status) for c in checks] == [(s, "ok") for s in ("basic_lstm",) * 2 + ("gru_cudnn",) * 2]
+    assert all(0 < c.diff <= 1 and c.note.startswith("cuDNN bfloat16: ") for c in checks)
+    monkeypatch.setattr(gpu_check_cases, "HALF_RTOL", {"bfloat16": 0.0})
+    monkeypatch.setattr(gpu_check_cases, "HALF_ATOL", 0.0)
+    p = gpu_check_targets.Problem.make(_module("gru_cudnn"), (2, 3, 4, 4))
+    assert [c.status for c in gpu_check_targets.bfloat16_checks(p, "tiny", None)] == ["MISMATCH"] * 2
+    none_rows = gpu_check_targets.targets(_module, ["basic_lstm"], ["float32"], quick=True, repeat=1, warmup=0,
+                                          progress=lambda s: None)[1]
+    assert {(r["cudnn_ms"], r["met"]) for r in none_rows} == {(None, None)}  # no torch GPU here: not timed
+
+
 def test_gpu_check_reports_a_mismatch(monkeypatch, tmp_path: Path) -> None:
     """A difference above the tolerance is a MISMATCH (bit-for-bit repeats stay ok), and any mismatch
     makes the command exit 1 with ``ok: false`` in its JSON."""

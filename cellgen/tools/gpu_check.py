@@ -6,8 +6,11 @@ with ragged lengths (0 and T among them), random initial states, each call made 
 numbers, bit for bit), device-array inputs, parameters and states, and bidirectional; the training
 step (``dynamic_rnn_vjp`` + backward) against the cpu backend's; the forward and the inputs'
 gradient against ``torch.nn.LSTM`` / ``GRU`` on cuDNN with the same weights (TF32 off) where torch
-sees a GPU; CUDA-event timings (:mod:`cellgen.tools.gpu_check_time`). float16 / bfloat16 are listed
-as not built yet. The exit status is 1 on any mismatch. ``--quick`` runs the same code at tiny sizes:
+sees a GPU; float16 / bfloat16 storage against float64 on the rounded values; CUDA-event timings
+(:mod:`cellgen.tools.gpu_check_time`); and the issue's targets (:mod:`cellgen.tools.gpu_check_targets`):
+forward and training step of basic_lstm and gru_cudnn against cuDNN in float32 and bfloat16, as
+ratios beside the targets, with the bfloat16 results against float64. The exit status is 1 on any
+mismatch (a target not met is reported, not a failure). ``--quick`` runs the same code at tiny sizes:
 with ``NUMBA_ENABLE_CUDASIM=1`` it runs in numba's simulator (a test does, in CI).
 """
 
@@ -23,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from cellgen.backends.cuda import runtime as rtc
-from cellgen.tools import gpu_check_time, gpu_check_torch
+from cellgen.tools import gpu_check_targets, gpu_check_time, gpu_check_torch
 from cellgen.tools.gpu_check_cases import DTYPES, QUICK_SHAPES, SHAPES, run_checks, table
 
 
@@ -97,11 +100,17 @@ def main(args: argparse.Namespace) -> int:
     print("\n" + table(checks) + "\n")
     timings = gpu_check_time.timings(modules, args.quick, args.repeat, args.warmup)
     print("## Timings (CUDA events, median of the timed calls after warm-up)\n\n" + gpu_check_time.table(timings))
+    print("\n## Targets (against cuDNN, same weights)")
+    target_checks, targets = gpu_check_targets.targets(cellgen.load, names, dtypes, args.quick, args.repeat,
+                                                                args.warmup)
+    print("\n" + gpu_check_targets.table(targets) + "\n\n" + table(target_checks))
+    checks += target_checks
     failed = [c for c in checks if c.status == "MISMATCH"]
     print(f"\n{len(failed)} mismatch(es) in {sum(c.status in ('ok', 'MISMATCH') for c in checks)} checks")
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": env, "checks": [asdict(c) for c in checks],
-                                               "timings": timings, "ok": not failed}, indent=2, default=str))
+                                               "timings": timings, "targets": targets,
+                                               "ok": not failed}, indent=2, default=str))
     return 1 if failed else 0
 
 

@@ -179,7 +179,8 @@ def half_fraction(got, want, storage: str) -> float:
     if got.shape != np.shape(want) or precision.storage_name(got.dtype) != storage:
         return float("inf")
     bound = HALF_RTOL[storage] * np.abs(want) + HALF_ATOL
-    return float((np.abs(got.astype(np.float64) - want) / bound).max(initial=0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero bound: inf (or NaN), a mismatch either way
+        return float((np.abs(got.astype(np.float64) - want) / bound).max(initial=0.0))
 
 
 def _rounded(case: Case, storage: str) -> Case:
