@@ -26,6 +26,7 @@ from cellgen.backends.cuda import gemm
 from cellgen.backends.cuda.context import layout_context
 from cellgen.backends.cuda.layout import (
     BATCH,
+    MMA_TILE_K,
     CudaLayout,
     KernelArg,
     bank_swizzle,
@@ -370,7 +371,7 @@ HALF_FORWARD = {"stage0", "stage1", "stage0_all", "stage1_all", "persistent", "s
 def test_half_storage_kernels_compile_to_sass_without_spills(arch: str, dtype: str) -> None:
     """Every shipped spec's float16 / bfloat16 storage variants (forward only: no training kernels in half)
     and the hoisted GEMM's storage variant: 0 spill bytes, registers within the hardware's 255; the persistent
-    kernels' recurrent GEMMs on tensor cores (HMMA in the SASS: per K tile of 32, 2 k16 steps x 2 MMAs, the
+    kernels' recurrent GEMMs on tensor cores (HMMA in the SASS: per K tile of MMA_TILE_K, its k16 steps x 2 MMAs, the
     operand's rounded part and remainder, x each warp's column tiles: the chunk's columns / 32)."""
     reports = inspect_specs(SPECS, [arch], [dtype], skip_runtime=MMA_RUNTIME, mix=True)
     kernels = {(r.cell, r.kernel) for r in reports}
@@ -384,8 +385,10 @@ def test_half_storage_kernels_compile_to_sass_without_spills(arch: str, dtype: s
         assert r.stack == (16 if r.kernel == "persistent" else 0), r
         assert 0 < r.registers <= 255 and r.occupancy > 0, r
     hmma = {r.cell: r.mix.hmma for r in reports if r.kernel == "persistent"}
-    # columns a chunk: gates x 32 (lstm: 4 gates, then the projection's 1); every other kernel has none
-    assert hmma == {"basic_lstm": 16, "basic_rnn": 4, "gru": 8 + 4, "gru_cudnn": 12, "lstm": 16 + 4}, hmma
+    # a gate's column tiles a warp: 1 (32 units / 4 warps of 8 columns); lstm: 4 gates, then the projection's 1
+    per_gate = 2 * (MMA_TILE_K // 16)  # a K tile's k16 steps x (rounded part, remainder)
+    assert hmma == {"basic_lstm": 4 * per_gate, "basic_rnn": per_gate, "gru": 2 * per_gate + per_gate,
+                    "gru_cudnn": 3 * per_gate, "lstm": 4 * per_gate + per_gate}, hmma
     assert not any(r.mix.hmma for r in reports if r.kernel != "persistent" and r.cell != "runtime")
 
 @pytest.mark.long

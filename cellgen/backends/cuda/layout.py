@@ -63,10 +63,15 @@ PERSISTENT_ROWS = 4
 MMA_ROWS, MMA_N, MMA_PAD = 16, 8, 8
 #: Reduction tile of a stage kernel; equal to BLOCK_UNITS so each thread loads one operand element.
 TILE_K = BLOCK_UNITS
-#: The tensor-core operand tile in shared memory: MMA_ROWS rows of MMA_K_WORDS 32-bit words (two
-#: K-adjacent 16-bit elements each) a K tile, rows MMA_A_STRIDE words apart, so the 8 rows one fragment
-#: read touches start on 8 distinct groups of 4 banks (no conflicts).
-MMA_K_WORDS = TILE_K // 2
+#: The tensor-core persistent kernel's K tile: MMA_TILE_K rows of the operand and of the weight slices a
+#: round (each round: one block barrier after the operand tile's stores, one after its MMAs, the next
+#: tile's loads in flight meanwhile). Twice the stage kernels' TILE_K: half the rounds (and L2 round
+#: trips a step) for 8 more registers of prefetched operand a thread.
+MMA_TILE_K = 2 * TILE_K
+#: The operand tile in shared memory: MMA_ROWS rows of MMA_K_WORDS 32-bit words (two K-adjacent 16-bit
+#: elements each), rows MMA_A_STRIDE words apart (4 banks on, mod 32), so the 8 rows one fragment read
+#: touches start on 8 distinct groups of 4 banks (no conflicts).
+MMA_K_WORDS = MMA_TILE_K // 2
 MMA_A_STRIDE = MMA_K_WORDS + 4
 #: Threads of a warp, and shared-memory banks (4-byte words).
 WARP, BANKS = 32, 32
@@ -319,6 +324,12 @@ class PersistentKernel:
     def mma_width(self) -> int:
         """Columns of the accumulator tile the tensor-core stages share (the widest chunk, padded)."""
         return max(k.gemm.columns for k in self.stages) + MMA_PAD
+
+
+def slice_tile_k(itemsize: int) -> int:
+    """K rows the persistent kernel's weight slices are padded to: its K tile (:data:`MMA_TILE_K` with half
+    storage, ``itemsize`` 2: on tensor cores; else :data:`TILE_K`)."""
+    return MMA_TILE_K if itemsize == 2 else TILE_K
 
 
 def group_rows(itemsize: int, block_rows: int) -> int:

@@ -28,7 +28,7 @@ from cellgen.backends.cuda import graph as _graph
 from cellgen.backends.cuda import mma as _mma
 from cellgen.backends.cuda import precision as _precision
 from cellgen.backends.cuda import runtime as _rtc
-from cellgen.backends.cuda.layout import group_rows
+from cellgen.backends.cuda.layout import group_rows, slice_tile_k
 
 #: The environment variable that forces a path.
 ENV = "CELLGEN_CUDA_STEPS"
@@ -109,16 +109,17 @@ def chunks(units: int, width: int = 32) -> int:
     return max(1, -(-int(units) // width))
 
 
-def shared_bytes(stages: Sequence[StageShape], stride: int, itemsize: int, tile_k: int = 32) -> int:
+def shared_bytes(stages: Sequence[StageShape], stride: int, itemsize: int) -> int:
     """Dynamic shared memory per block of the persistent kernel whose blocks take every ``stride``-th unit
-    chunk: per stage, ceil(chunks / stride) slices of K (padded to the tile) x columns elements.
+    chunk: per stage, ceil(chunks / stride) slices of K (padded to the kernel's K tile,
+    :func:`~cellgen.backends.cuda.layout.slice_tile_k`) x columns elements.
 
     >>> shared_bytes([StageShape(256, 256, 128)], 8, 4)  # basic_lstm H=256 float32: one 256 x 128 slice
     131072
     >>> shared_bytes([StageShape(37, 37, 128), StageShape(37, 37, 32)], 1, 8)  # lstm H=37 in one block: 2 chunks
     163840
     """
-    total = 0
+    total, tile_k = 0, slice_tile_k(itemsize)
     for s in stages:
         per_block = -(-chunks(s.units) // stride)
         total += per_block * (-(-int(s.rows) // tile_k) * tile_k) * s.columns * itemsize
