@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cellgen.tools.bench_torch import TORCH_CELLS, _gru_weights, _lstm_weights
+from cellgen.tools.bench_torch import TORCH_CELLS, torch_rnn
 from cellgen.backends.cuda import runtime as rtc
 from cellgen.backends.cuda import steps as cuda_steps
 
@@ -79,15 +79,13 @@ def _torch_row(module: ModuleType, params, call, out, repeat: int, warmup: int) 
         return None
     steps, batch, isize = call.xs.shape
     units = call.sizes["num_units"]
-    net = getattr(torch.nn, kind)(isize, units).cuda().eval()
     same = TORCH_CELLS.get(module.NAME) == kind
+    if same:
+        net = torch_rnn(torch, kind, params, isize, units, float(module.HYPER.get("forget_bias", 0.0)))
+    else:
+        net = getattr(torch.nn, kind)(isize, units)
+    net = net.cuda().eval()
     with torch.no_grad():
-        if same:
-            convert = _lstm_weights if kind == "LSTM" else _gru_weights
-            forget_bias = float(module.HYPER.get("forget_bias", 0.0))
-            for name, value in zip(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"),
-                                   convert(params, isize, units, forget_bias), strict=True):
-                getattr(net, name).copy_(torch.from_numpy(np.ascontiguousarray(value)))
         xs = torch.as_tensor(call.xs, device="cuda")  # zero-copy through __cuda_array_interface__
         times = _event_times(lambda: net(xs), repeat, warmup, lambda: torch.cuda.Event(enable_timing=True),
                              lambda a, b: a.elapsed_time(b))

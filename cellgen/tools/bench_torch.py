@@ -52,6 +52,18 @@ def _gru_weights(params: dict[str, np.ndarray], input_size: int, num_units: int,
 _CONVERT = {"LSTM": _lstm_weights, "GRU": _gru_weights}
 
 
+def torch_rnn(torch, kind: str, params: dict[str, np.ndarray], input_size: int, num_units: int,
+              forget_bias: float, **options):
+    """``torch.nn.<kind>`` (LSTM or GRU; ``options`` such as ``batch_first``) holding cellgen's TF-layout
+    ``params``: gate order and ``forget_bias`` converted (:func:`_lstm_weights`, :func:`_gru_weights`)."""
+    module = getattr(torch.nn, kind)(input_size, num_units, **options)
+    with torch.no_grad():
+        for name, value in zip(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"),
+                               _CONVERT[kind](params, input_size, num_units, forget_bias), strict=True):
+            getattr(module, name).copy_(torch.from_numpy(np.ascontiguousarray(value)))
+    return module
+
+
 def time_torch(job: str) -> dict[str, float | str]:
     """Load a job file, build the torch module with cellgen's weights, time forward calls."""
     import torch
@@ -63,12 +75,8 @@ def time_torch(job: str) -> dict[str, float | str]:
     x = data["inputs"]
     input_size, num_units = x.shape[2], int(data["num_units"])
     params = {k[len("param:"):]: data[k] for k in data.files if k.startswith("param:")}
-    w_ih, w_hh, b_ih, b_hh = _CONVERT[kind](params, input_size, num_units, float(data["forget_bias"]))
-    module = getattr(torch.nn, kind)(input_size, num_units, batch_first=True)
+    module = torch_rnn(torch, kind, params, input_size, num_units, float(data["forget_bias"]), batch_first=True)
     with torch.no_grad():
-        for name, value in (("weight_ih_l0", w_ih), ("weight_hh_l0", w_hh), ("bias_ih_l0", b_ih),
-                            ("bias_hh_l0", b_hh)):
-            getattr(module, name).copy_(torch.from_numpy(np.ascontiguousarray(value)))
         inputs = torch.from_numpy(x)
         for _ in range(warmup):
             out, _ = module(inputs)
@@ -170,12 +178,8 @@ def train_torch(job: str) -> dict[str, object]:
     hyper = {k[len("hyper:"):]: float(data[k]) for k in data.files if k.startswith("hyper:")}
     x = torch.from_numpy(np.array(x_np)).requires_grad_(True)
     if kind in _CONVERT:
-        w_ih, w_hh, b_ih, b_hh = _CONVERT[kind](params, input_size, num_units, hyper.get("forget_bias", 0.0))
-        module = getattr(torch.nn, kind)(input_size, num_units, batch_first=True)
-        with torch.no_grad():
-            for name, value in (("weight_ih_l0", w_ih), ("weight_hh_l0", w_hh), ("bias_ih_l0", b_ih),
-                                ("bias_hh_l0", b_hh)):
-                getattr(module, name).copy_(torch.from_numpy(np.ascontiguousarray(value)))
+        module = torch_rnn(torch, kind, params, input_size, num_units, hyper.get("forget_bias", 0.0),
+                           batch_first=True)
         leaves = list(module.parameters())
 
         def forward():

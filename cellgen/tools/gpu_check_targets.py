@@ -35,7 +35,7 @@ import numpy as np
 from cellgen.backends.cuda import precision
 from cellgen.backends.cuda import runtime as rtc
 from cellgen.tools.bench_cuda import _event_times
-from cellgen.tools.bench_torch import TORCH_CELLS, _gru_weights, _lstm_weights
+from cellgen.tools.bench_torch import TORCH_CELLS, torch_rnn
 from cellgen.tools.gpu_check_cases import Check, half_fraction, status
 
 SHAPES = {"B16 T1024 H768": (16, 1024, 768, 768), "B64 T100 H256": (64, 100, 256, 256)}
@@ -152,16 +152,9 @@ def cellgen_times(p: Problem, dtype: str, repeat: int, warmup: int) -> dict[str,
 
 def torch_net(p: Problem, torch: Torch, dtype: str) -> Any:
     """``nn.LSTM`` / ``nn.GRU`` with the problem's weights (TF gate order and forget_bias converted)."""
-    steps, batch, isize = p.inputs.shape
-    units = p.units
-    net = getattr(torch.module.nn, p.kind)(isize, units).to(torch.device)
-    convert = _lstm_weights if p.kind == "LSTM" else _gru_weights
-    forget_bias = float(p.module.HYPER.get("forget_bias", 0.0))
-    with torch.module.no_grad():
-        for attr, value in zip(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"),
-                               convert(p.params, isize, units, forget_bias), strict=True):
-            getattr(net, attr).copy_(torch.module.from_numpy(np.ascontiguousarray(value)))
-    return net.to(torch.dtype(dtype))
+    net = torch_rnn(torch.module, p.kind, p.params, p.inputs.shape[2], p.units,
+                    float(p.module.HYPER.get("forget_bias", 0.0)))
+    return net.to(torch.device).to(torch.dtype(dtype))
 
 
 def torch_times(p: Problem, torch: Torch, dtype: str, repeat: int, warmup: int) -> dict[str, float]:

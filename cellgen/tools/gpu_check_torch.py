@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from cellgen.backends.cuda import runtime as rtc
-from cellgen.tools.bench_torch import TORCH_CELLS, _gru_weights, _lstm_weights
+from cellgen.tools.bench_torch import TORCH_CELLS, torch_rnn
 from cellgen.tools.gpu_check_cases import Check, max_diff, rel_error, status
 
 SHAPES = {"B64 T100 H256": (64, 100, 256, 256), "B16 T1024 H768": (16, 1024, 768, 768)}
@@ -58,13 +58,8 @@ def _compare(module, kind: str, label: str, shape: tuple[int, int, int, int], to
     weights = rng.standard_normal((batch, steps, units)).astype(np.float32)
     (out, _), backward = module.dynamic_rnn_vjp(params, inputs, backend="cuda")
     d_inputs = rtc.to_host(backward(weights).inputs)
-    net = getattr(torch.nn, kind)(isize, units, batch_first=True).cuda()
-    convert = _lstm_weights if kind == "LSTM" else _gru_weights
-    forget_bias = float(module.HYPER.get("forget_bias", 0.0))
-    with torch.no_grad():
-        for attr, value in zip(("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"),
-                               convert(params, isize, units, forget_bias), strict=True):
-            getattr(net, attr).copy_(torch.from_numpy(np.ascontiguousarray(value)))
+    net = torch_rnn(torch, kind, params, isize, units, float(module.HYPER.get("forget_bias", 0.0)),
+                    batch_first=True).cuda()
     x = torch.from_numpy(inputs).cuda().requires_grad_(True)
     y = net(x)[0]
     (y * torch.from_numpy(weights).cuda()).sum().backward()
